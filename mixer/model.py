@@ -1,0 +1,219 @@
+"""MLP-Mixer (Tolstikhin et al. 2021, arXiv 2105.01601), to the parameter.
+
+Read top to bottom: the MLP, the block, the model, then the paper's variants and `create_model`.
+Checkpoint keys follow the paper's names: `stem`, `blocks.N.token_norm`, `blocks.N.token_mlp.fc1`,
+`blocks.N.channel_norm`, `blocks.N.channel_mlp.fc1`, `norm`, `head`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixer.errors import MixerError
+
+LAYER_NORM_EPS = 1e-6  # both the official vit_jax code and timm use 1e-6, not torch's 1e-5
+
+
+class Mlp(nn.Module):
+    """Two dense layers with a GELU between: the paper's MlpBlock."""
+
+    def __init__(self, dim: int, hidden: int, gelu: str = "exact", dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.approximate = "tanh" if gelu == "tanh" else "none"
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:  # mixes the last axis
+        x = self.drop(F.gelu(self.fc1(x), approximate=self.approximate))
+        return self.drop(self.fc2(x))
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """Mix axis -2 of (batch, tokens, dim): W2·GELU(W1·X + b1) + b2 with W broadcast over the batch.
+
+        The same function as `self(x.transpose(1, 2)).transpose(1, 2)`, without the two transposes
+        and the copies they force: the token weights multiply each image's (tokens, dim) matrix.
+        """
+        h = torch.matmul(self.fc1.weight, x).add_(self.fc1.bias.unsqueeze(-1))
+        h = self.drop(F.gelu(h, approximate=self.approximate))
+        return self.drop(torch.matmul(self.fc2.weight, h).add_(self.fc2.bias.unsqueeze(-1)))
+
+
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: drop the residual branch for whole samples (Huang et al. 2016)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
+class MixerBlock(nn.Module):
+    """Token mixing across patches, then channel mixing across features; pre-LayerNorm, skips."""
+
+    def __init__(self, num_patches: int, dim: int, token_hidden: int, channel_hidden: int,
+                 gelu: str = "exact", dropout: float = 0.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.token_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.token_mlp = Mlp(num_patches, token_hidden, gelu, dropout)
+        self.channel_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.channel_mlp = Mlp(dim, channel_hidden, gelu, dropout)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (batch, patches, dim)
+        x = x + drop_path(self.token_mlp.forward_tokens(self.token_norm(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.channel_mlp(self.channel_norm(x)), self.drop_path_rate, self.training)
+
+
+@dataclass(frozen=True)
+class MixerConfig:
+    """Everything that fixes the architecture; saved as `config.json` beside the weights."""
+
+    image_shape: tuple[int, int] = (224, 224)
+    patch_shape: tuple[int, int] = (16, 16)
+    depth: int = 8
+    dim: int = 512
+    token_hidden: int = 256
+    channel_hidden: int = 2048
+    num_classes: int = 1000
+    in_chans: int = 3
+    gelu: str = "exact"  # "exact" (timm, PyTorch) or "tanh" (the official JAX code)
+    dropout: float = 0.0
+    drop_path: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_shape", tuple(self.image_shape))
+        object.__setattr__(self, "patch_shape", tuple(self.patch_shape))
+        for (name, value) in (("image_shape", self.image_shape), ("patch_shape", self.patch_shape)):
+            if len(value) != 2 or any(not isinstance(v, int) or v < 1 for v in value):
+                raise MixerError(f"{name} must be two positive integers, got {list(value)}")
+        if self.image_shape[0] % self.patch_shape[0] or self.image_shape[1] % self.patch_shape[1]:
+            raise MixerError(f"image_shape {list(self.image_shape)} is not divisible by "
+                             f"patch_shape {list(self.patch_shape)}")
+        for name in ("depth", "dim", "token_hidden", "channel_hidden", "num_classes", "in_chans"):
+            if getattr(self, name) < 1:
+                raise MixerError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.gelu not in ("exact", "tanh"):
+            raise MixerError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_shape[0] // self.patch_shape[0], self.image_shape[1] // self.patch_shape[1])
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for (k, v) in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MixerConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise MixerError(f"unknown architecture keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class MlpMixer(nn.Module):
+    """Patch embedding, `depth` unshared Mixer blocks, LayerNorm, global average pool, linear head."""
+
+    def __init__(self, config: MixerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        # A conv with stride = kernel = patch is the paper's per-patch linear embedding.
+        self.stem = nn.Conv2d(c.in_chans, c.dim, kernel_size=c.patch_shape, stride=c.patch_shape)
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear rule, as timm
+        self.blocks = nn.Sequential(*[
+            MixerBlock(c.num_patches, c.dim, c.token_hidden, c.channel_hidden, c.gelu, c.dropout, rates[i])
+            for i in range(c.depth)
+        ])
+        self.norm = nn.LayerNorm(c.dim, eps=LAYER_NORM_EPS)
+        self.head = nn.Linear(c.dim, c.num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """As the official vit_jax `MlpMixer`: Flax's defaults everywhere, a zero head.
+
+        Flax's Dense and Conv default to LeCun normal kernels (truncated normal, variance
+        1/fan_in) and zero biases; LayerNorm starts at scale 1, bias 0.
+        """
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                fan_in = module.weight[0].numel()
+                # truncated at 2 std; the std is corrected so the variance is exactly 1/fan_in
+                std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.head.weight)  # paper: zero head, so the first loss is log(num_classes)
+        nn.init.zeros_(self.head.bias)
+
+    def reset_head(self, num_classes: int) -> None:
+        """Replace the classifier for fine-tuning on another label set (zero-initialised)."""
+        self.head = nn.Linear(self.config.dim, num_classes).to(self.head.weight.device)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.config = replace(self.config, num_classes=num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images (batch, chans, H, W) to normalised patch embeddings (batch, patches, dim)."""
+        x = self.stem(x).flatten(2).transpose(1, 2)  # (batch, dim, gh, gw) -> (batch, patches, dim)
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool over patches, then the linear head."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# Paper, Table 1: (patch, depth, C, D_S, D_C).
+VARIANTS: dict[str, tuple[int, int, int, int, int]] = {
+    "S/32": (32, 8, 512, 256, 2048),
+    "S/16": (16, 8, 512, 256, 2048),
+    "B/32": (32, 12, 768, 384, 3072),
+    "B/16": (16, 12, 768, 384, 3072),
+    "L/32": (32, 24, 1024, 512, 4096),
+    "L/16": (16, 24, 1024, 512, 4096),
+    "H/14": (14, 32, 1280, 640, 5120),
+}
+
+
+def variant_fields(variant: str) -> dict:
+    """The architecture fields a paper variant fixes."""
+    if variant not in VARIANTS:
+        raise MixerError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    patch, depth, dim, token_hidden, channel_hidden = VARIANTS[variant]
+    return dict(patch_shape=(patch, patch), depth=depth, dim=dim,
+                token_hidden=token_hidden, channel_hidden=channel_hidden)
+
+
+def create_model(variant: str | None = None, **fields_: object) -> MlpMixer:
+    """Build a Mixer from a paper variant and/or explicit fields (params.yaml names); fields win.
+
+    Hidden widths left out (or None) follow the paper's ratios: D_S = dim/2, D_C = 4·dim.
+    """
+    explicit = {k: v for (k, v) in fields_.items() if v is not None}
+    settings: dict = variant_fields(variant) if variant else {}
+    if "dim" in explicit:  # a new width re-derives the hidden widths unless they are given too
+        settings.pop("token_hidden", None)
+        settings.pop("channel_hidden", None)
+    settings.update(explicit)
+    dim = settings.get("dim", MixerConfig.dim)
+    settings.setdefault("token_hidden", dim // 2)
+    settings.setdefault("channel_hidden", dim * 4)
+    try:
+        return MlpMixer(MixerConfig(**settings))
+    except TypeError as exc:  # an unknown field name
+        raise MixerError(f"create_model: {exc}") from None

@@ -1,0 +1,200 @@
+"""The `mixer` command: one sub-command per stage, each reading params.yaml with per-run overrides.
+
+Every params key that a stage reads is also an option of its command, under Typer's spelling
+(`--image-shape 256 256`) and the original train.py's (`--image_shape 256 256`). Overrides apply to
+this run only; params.yaml is never written. A user error prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mixer.errors import MixerError
+from pipeline.params import PARAMS_FILE, Params, field_info, stage_keys
+
+app = typer.Typer(help="Train MLP-Mixer image classifiers as a reproducible DVC pipeline.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False, rich_markup_mode="rich")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="params file to read (a preset works too)")]
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a one-line error and return the exit to raise (code 2)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _override_parameter(name: str) -> inspect.Parameter:
+    """A keyword option for params key `name`, under both spellings, defaulting to 'not given'."""
+    hints = typing.get_type_hints(Params)
+    kind = hints[name]
+    if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    info = field_info(name)
+    default = next(f.default for f in fields(Params) if f.name == name)
+    text = f"{info['help']} [dim](default {_show(default)}"
+    if info["original"] is not None:
+        text += f"; original train.py: {_show(info['original'])}"
+    text += ")[/dim]"
+    decls = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+    if kind is bool:
+        decls = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
+    option = typer.Option(*decls, help=text, rich_help_panel="params.yaml keys (override for this run)",
+                          show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[kind], option])
+
+
+def stage_command(stage: str, name: str | None = None):
+    """Register a command whose options include every params key of `stage` as an override.
+
+    The decorated function takes `overrides` (key → value given on the command line) plus its own
+    options; a `MixerError` anywhere below becomes one line on stderr and exit code 2.
+    """
+    keys = stage_keys(stage)
+
+    def decorate(func):
+        own = [p for p in inspect.signature(func).parameters.values() if p.name != "overrides"]
+
+        @functools.wraps(func)
+        def command(**kwargs):
+            overrides = {k: kwargs.pop(k) for k in keys}
+            try:
+                return func(overrides={k: v for (k, v) in overrides.items() if v is not None}, **kwargs)
+            except MixerError as exc:
+                raise fail(str(exc)) from None
+
+        params = own + [_override_parameter(k) for k in keys]
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return app.command(name or func.__name__)(command)
+
+    return decorate
+
+
+def guarded(func):
+    """For commands without params overrides: MixerError → one line, exit code 2."""
+
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MixerError as exc:
+            raise fail(str(exc)) from None
+
+    return command
+
+
+@stage_command("prepare")
+def prepare(overrides: dict, params: ParamsOption = PARAMS_FILE,
+            workers: Annotated[int, typer.Option(help="decoding processes (a machine setting)")] = 2) -> None:
+    """Decode the data source, resize, split (train/val/test) and cache it under prepared/."""
+    from pipeline import prepare as stage
+
+    stage.run(params, overrides, workers)
+
+
+@stage_command("train")
+def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
+          resume: Annotated[bool, typer.Option(help="continue from output_dir/checkpoints/last.pt")] = False,
+          mixed_precision: Annotated[str, typer.Option(help="no, bf16 or fp16 (keep 'no' on CPU)")] = "no",
+          compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
+          progress: Annotated[Optional[bool], typer.Option(help="progress bar (default: on a terminal)")] = None,
+          ) -> None:
+    """Train the Mixer with Accelerate; writes output_dir/model.safetensors and config.json."""
+    from mixer.engine import Machine
+    from pipeline import train as stage
+
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise fail(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
+    stage.run(params, overrides, Machine(mixed_precision, compile, progress), resume)
+
+
+@stage_command("evaluate")
+def evaluate(overrides: dict, params: ParamsOption = PARAMS_FILE) -> None:
+    """Score the trained model on the test split and write reports/ (metrics, figures, README)."""
+    from pipeline import evaluate as stage
+
+    stage.run(params, overrides)
+
+
+@app.command()
+@guarded
+def predict(paths: Annotated[list[Path], typer.Argument(help="images or folders of images")],
+            model: Annotated[Optional[Path], typer.Option(help="model directory (default: output_dir)")] = None,
+            top_k: Annotated[int, typer.Option("--top-k", help="labels per image")] = 5,
+            out: Annotated[Optional[Path], typer.Option(help="write the predictions to this CSV")] = None,
+            params: ParamsOption = PARAMS_FILE) -> None:
+    """Classify images with a trained model: top-k labels and probabilities per image."""
+    from pipeline import predict as stage
+
+    stage.run(paths, model, top_k, out, params)
+
+
+@app.command("import-weights")
+@guarded
+def import_weights(source: Annotated[Path, typer.Argument(help="timm .safetensors/.pth/.bin or vit_jax .npz")],
+                   out_dir: Annotated[Path, typer.Argument(help="model directory to write")],
+                   image_shape: Annotated[Optional[tuple[int, int]], typer.Option(
+                       "--image-shape", "--image_shape", help="input size, if the patch grid is not square")] = None,
+                   force: Annotated[bool, typer.Option(help="overwrite an existing model directory")] = False,
+                   ) -> None:
+    """Convert a public MLP-Mixer checkpoint into a model directory this tool trains and evaluates."""
+    from mixer.checkpoint import WEIGHTS, import_weights as convert
+
+    if (Path(out_dir) / WEIGHTS).exists() and not force:
+        raise fail(f"{out_dir} already holds a model; pass --force to overwrite it")
+    model = convert(source, out_dir, image_shape)
+    c = model.config
+    typer.echo(f"wrote {out_dir}: {c.depth} blocks, dim {c.dim}, patch {list(c.patch_shape)}, "
+               f"image {list(c.image_shape)}, {c.num_classes} classes, GELU {c.gelu}")
+
+
+@app.command()
+@guarded
+def export(model: Annotated[Optional[Path], typer.Option(help="model directory (default: output_dir)")] = None,
+           format: Annotated[str, typer.Option(help="onnx")] = "onnx",
+           params: ParamsOption = PARAMS_FILE) -> None:
+    """Export the model (ONNX, dynamic batch) next to its weights and check parity with PyTorch."""
+    from pipeline import export as stage
+
+    if format != "onnx":
+        raise fail(f"--format must be onnx, got {format!r}")
+    stage.run(model, params)
+
+
+@app.command()
+@guarded
+def bench(config: Annotated[str, typer.Option(help="original, default, or both")] = "both",
+          steps: Annotated[int, typer.Option(help="timed steps per measurement")] = 10,
+          json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+          compile: Annotated[bool, typer.Option(help="also time torch.compile (reports warm-up)")] = False,
+          params: ParamsOption = PARAMS_FILE) -> None:
+    """Measure training/inference throughput, FLOP/s, MFU and data wait against a plain reference."""
+    from pipeline import bench as stage
+
+    stage.run(config, steps, json_out, compile, params)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

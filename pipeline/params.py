@@ -1,0 +1,201 @@
+"""params.yaml → one frozen, validated `Params`; the only place that reads the file.
+
+Every key is a field here, with its type, its help and the stages that use it. Loading checks
+everything up front; a bad value raises `MixerError` naming the key, which the CLI prints as one
+line with exit code 2 before any work is done or anything is overwritten.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from mixer.errors import MixerError
+from mixer.model import VARIANTS
+
+PARAMS_FILE = Path("params.yaml")
+
+
+def _p(default, help: str, stages: str, original=None):
+    """A params field: its default (the committed params.yaml's), help, and the stages that read it."""
+    meta = {"help": help, "stages": tuple(stages.split()), "original": original}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Params:
+    # data
+    data: str = _p("digits", "data source: 'digits' (embedded) or an image folder", "prepare")
+    seed: int = _p(0, "seed for the split, initialisation, shuffling and augmentation", "prepare train")
+    val_fraction: float = _p(0.1, "share of each class held out for validation", "prepare")
+    test_fraction: float = _p(0.2, "share of each class held out for the test", "prepare")
+    resize: str = _p("stretch", "stretch to image_shape, or center_crop after resizing the shorter side",
+                     "prepare")
+    strict: bool = _p(False, "stop at an undecodable image instead of skipping and reporting it", "prepare")
+    drop_duplicates: bool = _p(True, "drop images whose content already appears in an earlier split",
+                               "prepare")
+    # the 14 options of the original train.py, same names
+    image_shape: tuple[int, int] = _p((12, 12), "input height and width", "prepare train", (256, 256))
+    patch_shape: tuple[int, int] = _p((3, 3), "patch height and width", "train", (16, 16))
+    depth: int = _p(4, "number of Mixer blocks", "train", 6)
+    dim: int = _p(128, "channels C (hidden width of each patch)", "train", 512)
+    num_classes: int | None = _p(10, "number of classes (null: from the data)", "prepare train", 120)
+    checkpoint: str | None = _p(None, "model directory to start from (fine-tuning)", "train", None)
+    output_dir: str = _p("output", "where the trained model is written", "train evaluate", "output/")
+    batch_size: int = _p(64, "images per optimizer step and process", "train", 16)
+    lr: float = _p(3.0e-3, "peak learning rate", "train", 1.0e-3)
+    momentum: float = _p(0.9, "SGD momentum (also AdamW's beta1)", "train", 0.9)
+    decay: float = _p(0.05, "weight decay (not applied to norms and biases)", "train", 0.0)
+    num_steps: int = _p(40, "training epochs", "train", 30)
+    warmup_step: int = _p(3, "linear warm-up epochs", "train", 10)
+    scheduler: str = _p("cosine", "decay after warm-up: cosine or linear", "train", "cosine")
+    # architecture beyond the original flags
+    variant: str | None = _p(None, f"paper variant ({' '.join(VARIANTS)}); explicit keys override it",
+                             "train")
+    token_hidden: int | None = _p(None, "token-mixing hidden width D_S (null: dim/2)", "train")
+    channel_hidden: int | None = _p(None, "channel-mixing hidden width D_C (null: 4*dim)", "train")
+    dropout: float = _p(0.0, "dropout inside the MLPs", "train")
+    drop_path: float = _p(0.0, "stochastic depth rate of the last block", "train")
+    # optimisation
+    optimizer: str = _p("adamw", "sgd (with momentum) or adamw (betas momentum, 0.999)", "train", "sgd")
+    min_lr: float = _p(0.0, "learning-rate floor at the end of the decay", "train")
+    clip_grad: float = _p(1.0, "clip gradients to this global norm (0: off)", "train")
+    label_smoothing: float = _p(0.1, "label smoothing of the cross-entropy", "train")
+    grad_accum: int = _p(1, "micro-batches accumulated per optimizer step", "train")
+    ema_decay: float = _p(0.0, "EMA of weights per step (0: off); the EMA is evaluated and saved", "train")
+    # augmentation (train only, on the training device)
+    hflip: float = _p(0.0, "probability of a horizontal flip", "train")
+    crop_scale: tuple[float, float] = _p((0.6, 1.0), "random resized crop area range ([1, 1]: off)",
+                                         "train")
+    crop_ratio: tuple[float, float] = _p((0.8, 1.25), "random resized crop aspect range", "train")
+    randaugment_n: int = _p(0, "RandAugment: operations per image (0: off)", "train")
+    randaugment_m: int = _p(9, "RandAugment: magnitude 0..30", "train")
+    mixup: float = _p(0.0, "mixup alpha (0: off)", "train")
+    cutmix: float = _p(0.0, "cutmix alpha (0: off)", "train")
+    # evaluation
+    eval_batch_size: int = _p(256, "images per batch when evaluating", "train evaluate")
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), f.type))
+        _validate(self)
+
+    def for_stage(self, stage: str) -> dict:
+        """The params a stage reads, as plain values."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if stage in f.metadata["stages"]}
+
+
+def stage_keys(stage: str) -> list[str]:
+    """Names of the params a stage reads (what dvc.yaml lists for it)."""
+    return [f.name for f in fields(Params) if stage in f.metadata["stages"]]
+
+
+def field_info(name: str) -> dict:
+    return next(f for f in fields(Params) if f.name == name).metadata
+
+
+def _check(key: str, value, annotation):
+    """Coerce `value` to the field's type or raise a one-line error naming the key."""
+    kind = typing.get_type_hints(Params)[key] if isinstance(annotation, str) else annotation
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise MixerError(f"{key} must be a list of {len(args)} numbers, got {value!r}")
+        return tuple(_scalar(f"{key}[{i}]", v, t) for (i, (v, t)) in enumerate(zip(value, args)))
+    return _scalar(key, value, kind)
+
+
+def _scalar(key: str, value, kind):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise MixerError(f"{key} must be true or false, got {value!r}")
+        return value
+    if kind in (int, float) and isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        raise MixerError(f"{key}: YAML reads {value!r} as a string; write it with a decimal point, "
+                         f"e.g. {float(value):.1e}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MixerError(f"{key} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MixerError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str) or not value:
+        raise MixerError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _validate(p: Params) -> None:
+    def need(ok: bool, message: str):
+        if not ok:
+            raise MixerError(message)
+
+    for key in ("depth", "dim", "batch_size", "eval_batch_size", "num_steps", "grad_accum"):
+        need(getattr(p, key) >= 1, f"{key} must be at least 1, got {getattr(p, key)}")
+    need(p.num_classes is None or p.num_classes >= 2, f"num_classes must be at least 2 or null, got {p.num_classes}")
+    for key in ("token_hidden", "channel_hidden"):
+        need(getattr(p, key) is None or getattr(p, key) >= 1, f"{key} must be at least 1 or null")
+    need(all(v >= 1 for v in p.image_shape), f"image_shape must be positive, got {list(p.image_shape)}")
+    need(all(v >= 1 for v in p.patch_shape), f"patch_shape must be positive, got {list(p.patch_shape)}")
+    if p.variant is None:
+        need(p.image_shape[0] % p.patch_shape[0] == 0 and p.image_shape[1] % p.patch_shape[1] == 0,
+             f"image_shape {list(p.image_shape)} is not divisible by patch_shape {list(p.patch_shape)}")
+    else:
+        need(p.variant in VARIANTS, f"variant must be one of {' '.join(VARIANTS)} or null, got {p.variant!r}")
+    need(p.warmup_step >= 0, f"warmup_step must be 0 or more, got {p.warmup_step}")
+    need(p.scheduler in ("cosine", "linear"), f"scheduler must be 'cosine' or 'linear', got {p.scheduler!r}")
+    need(p.optimizer in ("sgd", "adamw"), f"optimizer must be 'sgd' or 'adamw', got {p.optimizer!r}")
+    need(p.resize in ("stretch", "center_crop"), f"resize must be 'stretch' or 'center_crop', got {p.resize!r}")
+    need(p.lr > 0, f"lr must be positive, got {p.lr}")
+    need(0 <= p.min_lr <= p.lr, f"min_lr must be between 0 and lr ({p.lr}), got {p.min_lr}")
+    need(0 <= p.momentum < 1, f"momentum must be in [0, 1), got {p.momentum}")
+    for key in ("decay", "clip_grad", "mixup", "cutmix"):
+        need(getattr(p, key) >= 0, f"{key} must be 0 or more, got {getattr(p, key)}")
+    for key in ("label_smoothing", "dropout", "drop_path", "hflip", "ema_decay"):
+        need(0 <= getattr(p, key) < 1 or (key == "hflip" and p.hflip == 1),
+             f"{key} must be in [0, 1), got {getattr(p, key)}")
+    need(0 < p.val_fraction < 1 and 0 < p.test_fraction < 1 and p.val_fraction + p.test_fraction < 1,
+         f"val_fraction + test_fraction must leave a training share, got {p.val_fraction} + {p.test_fraction}")
+    lo, hi = p.crop_scale
+    need(0 < lo <= hi <= 1, f"crop_scale must satisfy 0 < low <= high <= 1, got {list(p.crop_scale)}")
+    lo, hi = p.crop_ratio
+    need(0 < lo <= hi, f"crop_ratio must satisfy 0 < low <= high, got {list(p.crop_ratio)}")
+    need(p.randaugment_n >= 0, f"randaugment_n must be 0 or more, got {p.randaugment_n}")
+    need(0 <= p.randaugment_m <= 30, f"randaugment_m must be in 0..30, got {p.randaugment_m}")
+
+
+def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None) -> Params:
+    """Read and validate a params file; `overrides` (key → value) win for this run only."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MixerError(f"params file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise MixerError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise MixerError(f"{path} must be a mapping of keys to values")
+    known = {f.name for f in fields(Params)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise MixerError(f"{path}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
+    missing = sorted(known - set(raw))
+    if missing:
+        raise MixerError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
+    raw.update({k: v for (k, v) in (overrides or {}).items() if v is not None})
+    try:
+        return Params(**raw)
+    except MixerError as exc:
+        raise MixerError(f"{path}: {exc}") from None
