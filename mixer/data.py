@@ -343,7 +343,7 @@ def load_split(cache: Path, split: str) -> Split:
     index = rows["row"].to_numpy()
     # A contiguous copy for small data; a memory map view stays lazy for large data.
     subset = images[index] if images.nbytes < 2**30 else _LazyRows(images, index)
-    return Split(subset, rows["label"].to_numpy(dtype=np.int64), list(rows["path"]), classes)
+    return Split(subset, rows["label"].to_numpy(dtype=np.int64).copy(), list(rows["path"]), classes)
 
 
 class _LazyRows:
