@@ -193,6 +193,8 @@ def _from_jax(state: dict, source: Path) -> dict:
             # Flax stores Dense kernels (in, out) and Conv kernels HWIO; PyTorch wants (out, in) / OIHW.
             tensor = tensor.permute(3, 2, 0, 1) if tensor.dim() == 4 else tensor.t()
         int_groups = [int(g) for g in groups[:-1]]
+        if "/Dense_" in m.string:
+            int_groups[1] += 1  # Flax's Dense_0/Dense_1 are this project's fc1/fc2
         return f"{target.format(*int_groups)}.{param}", tensor.float().contiguous()
     return _rename({k.lstrip("/").removeprefix("params/"): v for (k, v) in state.items()}, _JAX, convert, source)
 

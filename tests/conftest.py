@@ -1,0 +1,51 @@
+"""Shared helpers: the repository root, small image folders, params files with overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_params(path: Path, **overrides) -> Path:
+    """The committed params.yaml with some keys changed."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(overrides)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def make_image_folder(root: Path, classes: dict[str, int], size=(10, 12), seed: int = 0) -> Path:
+    """One sub-folder per class, each with n distinct random PNGs."""
+    rng = np.random.default_rng(seed)
+    for (name, n) in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, size=(size[0], size[1], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"img{i:03d}.png")
+    return root
+
+
+def git_env() -> dict:
+    env = dict(os.environ)
+    env.update(GIT_AUTHOR_NAME="Test", GIT_AUTHOR_EMAIL="test@example.com",
+               GIT_COMMITTER_NAME="Test", GIT_COMMITTER_EMAIL="test@example.com")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env or git_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, "fox": 12})

@@ -1,0 +1,125 @@
+"""Model directories and weight import: nothing unpickled, every malformed file refused clearly."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mixer.checkpoint import import_weights, load_model, save_model
+from mixer.errors import MixerError
+from mixer.model import create_model
+from reference import as_flax, as_timm, mixer_forward, random_weights
+
+# image (16, 20), patch (4, 5): a 4×4 grid, so the image shape can be inferred from the weights
+SHAPE = dict(channels=3, patch=(4, 5), num_patches=16, dim=12, ds=6, dc=24, depth=2, classes=5)
+
+
+@pytest.fixture
+def weights():
+    return random_weights(**SHAPE)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = create_model(image_shape=(12, 12), patch_shape=(3, 3), depth=2, dim=16, num_classes=3)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    save_model(model, tmp_path / "m", ["a", "b", "c"])
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["class_names"] == ["a", "b", "c"] and meta["image_shape"] == [12, 12]
+    assert meta["architecture"]["gelu"] == "exact" and meta["normalization"]["mean"] == [0.5] * 3
+    loaded = load_model(tmp_path / "m")
+    assert not loaded.training
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_import_timm_layout_matches_the_reference(tmp_path, weights, suffix):
+    state = as_timm(weights)
+    source = tmp_path / f"timm{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for (k, v) in state.items()}, str(source))
+    else:
+        torch.save(state, source)
+    model = import_weights(source, tmp_path / "out")
+    assert model.config.image_shape == (16, 20) and model.config.gelu == "exact"
+    x = torch.randn(3, 3, 16, 20)
+    expected = mixer_forward(x, weights, (4, 5), "exact")
+    assert (load_model(tmp_path / "out")(x) - expected).abs().max().item() <= 2e-5
+
+
+def test_import_vit_jax_npz_matches_the_reference_with_tanh_gelu(tmp_path, weights):
+    np.savez(tmp_path / "mixer.npz", **as_flax(weights))
+    import_weights(tmp_path / "mixer.npz", tmp_path / "out")
+    model = load_model(tmp_path / "out")
+    assert model.config.gelu == "tanh"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architecture"]["gelu"] == "tanh"
+    x = torch.randn(3, 3, 16, 20)
+    assert (model(x) - mixer_forward(x, weights, (4, 5), "tanh")).abs().max().item() <= 2e-5
+    # and the exact GELU would not match: the form matters
+    assert (model(x) - mixer_forward(x, weights, (4, 5), "exact")).abs().max().item() > 2e-5
+
+
+def test_non_square_grid_needs_the_image_shape(tmp_path):
+    w = random_weights(3, (2, 2), 6, 8, 4, 16, 1, 3)
+    torch.save(as_timm(w), tmp_path / "w.pth")
+    with pytest.raises(MixerError, match="6 patches is not a square grid"):
+        import_weights(tmp_path / "w.pth", tmp_path / "out")
+    model = import_weights(tmp_path / "w.pth", tmp_path / "out", image_shape=(4, 6))
+    assert model.config.grid == (2, 3)
+
+
+def test_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(MixerError, match="refusing to unpickle"):
+        import_weights(tmp_path / "evil.pth", tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", ["missing", "extra", "shape", "garbage", "not_model", "no_config", "bad_json"])
+def test_load_model_refuses_malformed_directories(tmp_path, case):
+    model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=8, num_classes=3)
+    save_model(model, tmp_path)
+    state = {k: v.clone() for (k, v) in model.state_dict().items()}
+    weights = tmp_path / "model.safetensors"
+    expected = {"missing": "missing head.bias", "extra": "unexpected extra.weight",
+                "shape": "wrong shape head.weight (4, 8) != (3, 8)", "garbage": "not a readable weights file",
+                "not_model": "not an MLP-Mixer config", "no_config": "config.json is missing",
+                "bad_json": "is not valid JSON"}[case]
+    if case == "missing":
+        del state["head.bias"]
+        save_file(state, str(weights))
+    elif case == "extra":
+        state["extra.weight"] = torch.zeros(2)
+        save_file(state, str(weights))
+    elif case == "shape":
+        state["head.weight"] = torch.zeros(4, 8)
+        save_file(state, str(weights))
+    elif case == "garbage":
+        weights.write_bytes(b"\x00\x01 this is not safetensors")
+    elif case == "not_model":
+        (tmp_path / "config.json").write_text('{"format": "something-else"}')
+    elif case == "no_config":
+        (tmp_path / "config.json").unlink()
+    elif case == "bad_json":
+        (tmp_path / "config.json").write_text("{")
+    with pytest.raises(MixerError) as caught:
+        load_model(tmp_path)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_import_refuses_unknown_layouts(tmp_path):
+    save_file({"conv1.weight": torch.zeros(2, 2)}, str(tmp_path / "resnet.safetensors"))
+    with pytest.raises(MixerError, match="neither a timm MlpMixer nor a vit_jax"):
+        import_weights(tmp_path / "resnet.safetensors", tmp_path / "out")
+    with pytest.raises(MixerError, match="does not exist"):
+        import_weights(tmp_path / "nothing.npz", tmp_path / "out")

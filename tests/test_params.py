@@ -1,0 +1,138 @@
+"""params.yaml loading: every validation rule names its key; the files in the repo stay valid."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from conftest import ROOT, write_params
+from mixer.errors import MixerError
+from pipeline.params import Params, load_params, stage_keys
+
+ORIGINAL_FLAGS = ["image_shape", "patch_shape", "depth", "dim", "num_classes", "checkpoint", "output_dir",
+                  "batch_size", "lr", "momentum", "decay", "num_steps", "warmup_step", "scheduler"]
+
+
+def test_committed_params_load_and_match_the_dataclass_defaults():
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+def test_the_14_original_options_are_top_level_keys():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(ORIGINAL_FLAGS) <= set(raw)
+
+
+def test_original_preset_holds_the_original_defaults():
+    p = load_params(ROOT / "presets" / "original.yaml")
+    assert (p.image_shape, p.patch_shape, p.depth, p.dim, p.num_classes) == ((256, 256), (16, 16), 6, 512, 120)
+    assert (p.checkpoint, p.output_dir, p.batch_size, p.lr, p.momentum, p.decay) == (None, "output/", 16, 1e-3, 0.9, 0.0)
+    assert (p.num_steps, p.warmup_step, p.scheduler, p.optimizer) == (30, 10, "cosine", "sgd")
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+def test_dvc_yaml_lists_exactly_the_params_each_stage_reads(stage):
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    assert dvc["stages"][stage]["params"] == stage_keys(stage)
+
+
+BAD = [
+    ({"lr": "1e-3"}, "lr: YAML reads '1e-3' as a string; write it with a decimal point"),
+    ({"lr": 0.0}, "lr must be positive, got 0.0"),
+    ({"lr": "fast"}, "lr must be a number, got 'fast'"),
+    ({"depth": 0}, "depth must be at least 1, got 0"),
+    ({"depth": 2.5}, "depth must be an integer, got 2.5"),
+    ({"depth": True}, "depth must be an integer, got True"),
+    ({"dim": -3}, "dim must be at least 1, got -3"),
+    ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be at least 1, got 0"),
+    ({"num_steps": 0}, "num_steps must be at least 1, got 0"),
+    ({"grad_accum": 0}, "grad_accum must be at least 1, got 0"),
+    ({"num_classes": 1}, "num_classes must be at least 2 or null, got 1"),
+    ({"image_shape": [256, 250]}, "image_shape [256, 250] is not divisible by patch_shape [3, 3]"),
+    ({"image_shape": [16]}, "image_shape must be a list of 2 numbers, got [16]"),
+    ({"image_shape": "256"}, "image_shape must be a list of 2 numbers, got '256'"),
+    ({"image_shape": [0, 12]}, "image_shape must be positive, got [0, 12]"),
+    ({"patch_shape": [0, 3]}, "patch_shape must be positive, got [0, 3]"),
+    ({"scheduler": "step"}, "scheduler must be 'cosine' or 'linear', got 'step'"),
+    ({"optimizer": "adam"}, "optimizer must be 'sgd' or 'adamw', got 'adam'"),
+    ({"resize": "pad"}, "resize must be 'stretch' or 'center_crop', got 'pad'"),
+    ({"variant": "XL/8"}, "variant must be one of S/32 S/16 B/32 B/16 L/32 L/16 H/14 or null, got 'XL/8'"),
+    ({"warmup_step": -1}, "warmup_step must be 0 or more, got -1"),
+    ({"min_lr": 1.0}, "min_lr must be between 0 and lr (0.003), got 1.0"),
+    ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
+    ({"decay": -0.1}, "decay must be 0 or more, got -0.1"),
+    ({"clip_grad": -1.0}, "clip_grad must be 0 or more, got -1.0"),
+    ({"mixup": -0.2}, "mixup must be 0 or more, got -0.2"),
+    ({"cutmix": -1}, "cutmix must be 0 or more, got -1.0"),
+    ({"label_smoothing": 1.0}, "label_smoothing must be in [0, 1), got 1.0"),
+    ({"dropout": 1.5}, "dropout must be in [0, 1), got 1.5"),
+    ({"drop_path": -0.1}, "drop_path must be in [0, 1), got -0.1"),
+    ({"ema_decay": 1.0}, "ema_decay must be in [0, 1), got 1.0"),
+    ({"hflip": 2.0}, "hflip must be in [0, 1), got 2.0"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction + test_fraction must leave a training share"),
+    ({"crop_scale": [0.9, 0.5]}, "crop_scale must satisfy 0 < low <= high <= 1, got [0.9, 0.5]"),
+    ({"crop_ratio": [0.0, 1.0]}, "crop_ratio must satisfy 0 < low <= high, got [0.0, 1.0]"),
+    ({"randaugment_n": -1}, "randaugment_n must be 0 or more, got -1"),
+    ({"randaugment_m": 31}, "randaugment_m must be in 0..30, got 31"),
+    ({"strict": "yes"}, "strict must be true or false, got 'yes'"),
+    ({"data": ""}, "data must be a non-empty string, got ''"),
+    ({"token_hidden": 0}, "token_hidden must be at least 1 or null"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD, ids=[next(iter(c)) + str(i) for (i, (c, _)) in enumerate(BAD)])
+def test_each_bad_value_is_one_line_naming_the_key(tmp_path, change, message):
+    path = write_params(tmp_path / "params.yaml", **change)
+    with pytest.raises(MixerError) as caught:
+        load_params(path)
+    text = str(caught.value)
+    assert "\n" not in text
+    assert text.startswith(f"{path}: ")
+    assert message in text
+
+
+def test_hflip_of_one_is_allowed(tmp_path):
+    assert load_params(write_params(tmp_path / "p.yaml", hflip=1.0)).hflip == 1.0
+
+
+def test_unknown_and_missing_keys(tmp_path):
+    with pytest.raises(MixerError, match="unknown key 'dept'"):
+        load_params(write_params(tmp_path / "p.yaml", dept=3))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["seed"]
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(MixerError, match="missing key 'seed'"):
+        load_params(tmp_path / "q.yaml")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(MixerError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("depth: [1, 2\n")
+    with pytest.raises(MixerError, match="is not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(MixerError, match="must be a mapping"):
+        load_params(tmp_path / "list.yaml")
+
+
+def test_overrides_apply_for_one_run_and_are_validated(tmp_path):
+    path = write_params(tmp_path / "params.yaml")
+    before = path.read_text()
+    p = load_params(path, {"depth": 8, "image_shape": (24, 24)})
+    assert (p.depth, p.image_shape) == (8, (24, 24))
+    assert path.read_text() == before
+    with pytest.raises(MixerError, match="depth must be at least 1"):
+        load_params(path, {"depth": 0})
+
+
+def test_variant_takes_its_own_patch_for_divisibility(tmp_path):
+    p = load_params(write_params(tmp_path / "p.yaml", variant="S/16", image_shape=[224, 224], patch_shape=[3, 3]))
+    assert p.variant == "S/16"
+
+
+def test_params_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Params().depth = 3
