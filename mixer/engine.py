@@ -213,10 +213,10 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
         state.best_accuracy = max(state.best_accuracy, val["accuracy"])
         progress.epoch_done(metrics)
         if accelerator.is_main_process:
-            if logger is not None:
-                logger(metrics)
             save_checkpoint(output_dir / CHECKPOINTS, accelerator.unwrap_model(model), optimizer,
                             scheduler, ema, state, is_best)
+            if logger is not None:
+                logger(metrics)
         accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:

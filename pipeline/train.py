@@ -77,6 +77,7 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool) -> d
     live = _live(resume, p) if _is_main_process() else None
 
     def log(metrics: dict) -> None:
+        live.step = metrics["epoch"] - 1  # after a resume, the epoch decides the step
         for (key, value) in metrics.items():
             if key != "epoch":
                 live.log_metric(key, value)
