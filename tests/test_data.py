@@ -1,0 +1,221 @@
+"""Sources, decoding, splits and the cache: messy folders keep or report every file."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import make_image_folder
+from mixer.data import (PrepareConfig, decode, export_digits, load_split, open_source, prepare, read_csv,
+                        scan_folder, split_by_class)
+from mixer.errors import MixerError
+
+
+def config(**kw):
+    return PrepareConfig(**{"image_shape": (8, 8), **kw})
+
+
+def test_digits_become_an_image_folder(tmp_path):
+    root = export_digits(tmp_path / "digits")
+    source = scan_folder(root)
+    assert source.classes == [str(i) for i in range(10)]
+    assert len(source.items) == 1797
+    assert Image.open(root / "0" / "0000.png").size == (8, 8)
+
+
+def test_every_mode_becomes_rgb(tmp_path):
+    modes = {
+        "rgb.png": Image.new("RGB", (6, 4), (10, 20, 30)),
+        "grey.png": Image.new("L", (6, 4), 77),
+        "palette.gif": Image.new("RGB", (6, 4), (200, 0, 0)).convert("P"),
+        "rgba.png": Image.new("RGBA", (6, 4), (0, 0, 255, 0)),     # fully transparent → background
+        "la.png": Image.new("LA", (6, 4), (0, 255)),
+        "sixteen.png": Image.fromarray(np.full((4, 6), 65535, dtype=np.uint16)),
+        "cmyk.jpg": Image.new("CMYK", (6, 4), (0, 0, 0, 0)),
+        "bmp.bmp": Image.new("RGB", (6, 4), (1, 2, 3)),
+        "webp.webp": Image.new("RGB", (6, 4), (9, 9, 9)),
+        "tiff.tiff": Image.new("RGB", (6, 4), (5, 6, 7)),
+    }
+    for (name, image) in modes.items():
+        image.save(tmp_path / name)
+    assert Image.open(tmp_path / "sixteen.png").mode.startswith("I")
+    for name in modes:
+        array, _ = decode(tmp_path / name, (4, 6))
+        assert array.shape == (4, 6, 3) and array.dtype == np.uint8, name
+    assert decode(tmp_path / "rgba.png", (4, 6))[0][0, 0].tolist() == [255, 255, 255]
+    assert decode(tmp_path / "sixteen.png", (4, 6))[0][0, 0].tolist() == [255, 255, 255]
+    assert decode(tmp_path / "grey.png", (4, 6))[0][0, 0].tolist() == [77, 77, 77]
+    assert decode(tmp_path / "cmyk.jpg", (4, 6))[0].mean() > 250  # CMYK zero ink is white
+
+
+def test_exif_orientation_is_applied_before_resizing(tmp_path):
+    # a wide image, red on the left half, stored with orientation 6 (display rotated 90° clockwise)
+    pixels = np.zeros((4, 8, 3), dtype=np.uint8)
+    pixels[:, :4] = (255, 0, 0)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    array, _ = decode(tmp_path / "rotated.jpg", (8, 4))  # displayed: tall, red on top
+    assert array[1, :, 0].mean() > 200 and array[-2, :, 0].mean() < 60
+
+
+def test_resize_policies(tmp_path):
+    pixels = np.zeros((10, 30, 3), dtype=np.uint8)
+    pixels[:, 10:20] = 255  # the middle third white
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    stretched, _ = decode(tmp_path / "wide.png", (10, 10), "stretch")
+    cropped, _ = decode(tmp_path / "wide.png", (10, 10), "center_crop")
+    assert cropped.mean() > 240            # only the white centre survives the crop
+    assert 60 < stretched.mean() < 120     # the whole image squeezed in
+
+
+def messy_folder(root):
+    make_image_folder(root, {"cat": 6, "dog": 6})
+    nested = root / "cat" / "indoor" / "deeper"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (5, 5), (1, 1, 1)).save(nested / "NESTED.JPG")         # upper-case extension
+    (root / "ünïcødé 猫").mkdir()
+    for i in range(6):
+        Image.new("RGB", (5, 5), (i * 20, 3, 3)).save(root / "ünïcødé 猫" / f"{i}.Png")
+    (root / "dog" / "notes.txt").write_text("not an image")                 # other extension: ignored
+    (root / "dog" / ".hidden.png").write_bytes(b"junk")                     # hidden: ignored
+    (root / ".git").mkdir()
+    (root / ".git" / "x.png").write_bytes(b"junk")                          # hidden folder: ignored
+    (root / "dog" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    (root / "dog" / "text.jpeg").write_text("hello")
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (3, 4, 5)).save(buffer, format="JPEG")
+    (root / "cat" / "truncated.jpg").write_bytes(buffer.getvalue()[:100])
+    return root
+
+
+def test_messy_folder_keeps_counts_and_reports_skips(tmp_path):
+    root = messy_folder(tmp_path / "data")
+    source = scan_folder(root)
+    assert source.classes == ["cat", "dog", "ünïcødé 猫"]
+    assert "cat/indoor/deeper/NESTED.JPG" in {p for (p, _) in source.items}
+    assert not any(".hidden" in p or ".git" in p or p.endswith(".txt") for (p, _) in source.items)
+    report = prepare(source, tmp_path / "cache", config(val_fraction=0.2, test_fraction=0.2))
+    skipped = {d["path"]: d["reason"] for d in report["skipped"]}
+    assert set(skipped) == {"dog/corrupt.png", "dog/empty.jpg", "dog/text.jpeg", "cat/truncated.jpg"}
+    kept = {c: sum(report["counts"][s][c] for s in report["counts"]) for c in report["classes"]}
+    assert kept == {"cat": 7, "dog": 6, "ünïcødé 猫": 6}
+    manifest = pd.read_csv(tmp_path / "cache" / "manifest.csv")
+    assert len(manifest) == 19 and manifest["path"].is_unique
+
+
+def test_strict_makes_a_bad_file_an_error(tmp_path):
+    root = messy_folder(tmp_path / "data")
+    with pytest.raises(MixerError, match="dog/corrupt.png: cannot decode|strict: true"):
+        prepare(scan_folder(root), tmp_path / "cache", config(strict=True))
+
+
+def test_split_is_stratified_seeded_and_independent_of_listing_order():
+    keys = [f"c{i % 3}/{i:03d}.png" for i in range(90)]
+    labels = np.array([i % 3 for i in range(90)])
+    split = split_by_class(keys, labels, 0.1, 0.2, seed=4)
+    for c in range(3):
+        members = split[labels == c]
+        assert (members == "test").sum() == 6 and (members == "val").sum() == 3
+    order = list(range(90))
+    random.Random(1).shuffle(order)
+    shuffled = split_by_class([keys[i] for i in order], labels[order], 0.1, 0.2, seed=4)
+    assert {keys[i]: s for (i, s) in zip(order, shuffled)} == dict(zip(keys, split))
+    assert list(split_by_class(keys, labels, 0.1, 0.2, seed=5)) != list(split)
+
+
+def test_tiny_classes_keep_a_training_image():
+    labels = np.array([0, 0, 1, 1, 1])
+    split = split_by_class(["a", "b", "c", "d", "e"], labels, 0.3, 0.3, seed=0)
+    assert (split[labels == 0] == "train").sum() >= 1 and (split[labels == 1] == "test").sum() == 1
+
+
+def test_duplicates_across_splits_are_reported_and_dropped(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 10, "b": 10})
+    for i in range(10):  # copy every 'a' image under another name: some copies land in other splits
+        (root / "a" / f"copy{i:03d}.png").write_bytes((root / "a" / f"img{i:03d}.png").read_bytes())
+    report = prepare(scan_folder(root), tmp_path / "c1", config(drop_duplicates=False))
+    assert report["duplicates"], "20 files in 10 pairs across three splits must collide somewhere"
+    manifest = pd.read_csv(tmp_path / "c1" / "manifest.csv")
+    split_of = dict(zip(manifest["path"], manifest["split"]))
+    order = {"train": 0, "val": 1, "test": 2}
+    for d in report["duplicates"]:
+        assert split_of[d["path"]] == d["split"] and order[d["split"]] > order[d["same_as_split"]]
+        assert (root / d["path"]).read_bytes() == (root / d["same_as"]).read_bytes()
+    dropped = prepare(scan_folder(root), tmp_path / "c2", config(drop_duplicates=True))
+    remaining = set(pd.read_csv(tmp_path / "c2" / "manifest.csv")["path"])
+    assert not {d["path"] for d in report["duplicates"]} & remaining
+    assert dropped["duplicates"] == report["duplicates"]
+
+
+def test_cache_reads_back_without_decoding(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 5, "b": 5}, size=(8, 8))
+    prepare(scan_folder(root), tmp_path / "cache", config(), workers=2)
+    train = load_split(tmp_path / "cache", "train")
+    manifest = pd.read_csv(tmp_path / "cache" / "manifest.csv")
+    first = manifest[manifest["split"] == "train"].iloc[0]
+    expected = np.asarray(Image.open(root / first["path"]).convert("RGB").resize((8, 8), Image.Resampling.BICUBIC))
+    assert np.array_equal(train.images[0], expected)
+    assert np.load(tmp_path / "cache" / "images.npy", mmap_mode="r").dtype == np.uint8
+    assert json.loads((tmp_path / "cache" / "classes.json").read_text()) == ["a", "b"]
+
+
+def test_csv_sources(tmp_path):
+    root = make_image_folder(tmp_path / "flat", {"x": 4, "y": 4})
+    rows = [(f"{c}/img{i:03d}.png", c) for c in "xy" for i in range(4)]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(root / "labels.csv", index=False)
+    source = read_csv(root / "labels.csv")
+    assert source.classes == ["x", "y"] and len(source.items) == 8
+    # the Kaggle dog-breed layout: labels.csv with id,breed and train/<id>.jpg
+    kaggle = tmp_path / "kaggle"
+    (kaggle / "train").mkdir(parents=True)
+    for (i, breed) in enumerate(["beagle", "pug", "beagle", "pug"]):
+        Image.new("RGB", (9, 9), (i, i, i)).save(kaggle / "train" / f"id{i}.jpg")
+    pd.DataFrame({"id": [f"id{i}" for i in range(4)], "breed": ["beagle", "pug", "beagle", "pug"]}).to_csv(
+        kaggle / "labels.csv", index=False)
+    source = open_source(str(kaggle / "labels.csv"), tmp_path)
+    assert source.classes == ["beagle", "pug"] and ("train/id0.jpg", "beagle") in source.items
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing", "data folder {root} does not exist"),
+    ("empty", "data folder {root} has no class sub-folders"),
+    ("one_class", "has 1 class; at least 2 are needed"),
+    ("no_usable", "class 'b' in {root} has no usable image"),
+    ("columns", "needs columns path,label or id,breed; it has file,kind"),
+    ("unlabelled", "1 labelled image(s) do not exist, e.g. 'b/ghost.png'"),
+    ("escape", "path '../outside.png' escapes the data folder"),
+    ("num_classes", "num_classes is 5 but data {root} has 2 classes"),
+])
+def test_errors_name_the_culprit(tmp_path, case, message):
+    root = tmp_path / "data"
+    target = root
+    kw = {}
+    if case == "empty":
+        root.mkdir()
+    elif case == "one_class":
+        make_image_folder(root, {"a": 3})
+    elif case == "no_usable":
+        make_image_folder(root, {"a": 3})
+        (root / "b").mkdir()
+        (root / "b" / "bad.png").write_bytes(b"nope")
+    elif case in ("columns", "unlabelled", "escape"):
+        make_image_folder(root, {"a": 2, "b": 2})
+        table = {"columns": "file,kind\na/img000.png,a\n", "unlabelled": "path,label\nb/ghost.png,b\n",
+                 "escape": "path,label\n../outside.png,a\n"}[case]
+        (root / "labels.csv").write_text(table)
+        target = root / "labels.csv"
+    elif case == "num_classes":
+        make_image_folder(root, {"a": 3, "b": 3})
+        kw = {"num_classes": 5}
+    with pytest.raises(MixerError) as caught:
+        prepare(open_source(str(target), tmp_path / "scratch"), tmp_path / "cache", config(**kw))
+    assert message.format(root=root) in str(caught.value)
