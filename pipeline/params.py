@@ -56,8 +56,8 @@ class Params:
     warmup_step: int = _p(3, "linear warm-up epochs", "train", 10)
     scheduler: str = _p("cosine", "decay after warm-up: cosine or linear", "train", "cosine")
     # architecture beyond the original flags
-    variant: str | None = _p(None, f"paper variant ({' '.join(VARIANTS)}); explicit keys override it",
-                             "train")
+    variant: str | None = _p(None, f"paper variant ({' '.join(VARIANTS)}): sets patch_shape, depth, dim "
+                             "and the hidden widths; token_hidden/channel_hidden still apply", "train")
     token_hidden: int | None = _p(None, "token-mixing hidden width D_S (null: dim/2)", "train")
     channel_hidden: int | None = _p(None, "channel-mixing hidden width D_C (null: 4*dim)", "train")
     dropout: float = _p(0.0, "dropout inside the MLPs", "train")
