@@ -298,19 +298,18 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, ema
 
     def write(tmp: Path) -> None:
         torch.save(payload, tmp)
-        _pause_for_tests()
+        _pause_for_tests(state.epoch)
 
     atomic_write(directory / "last.pt", write)
     if is_best:
         atomic_write(directory / "best.pt", lambda tmp: torch.save(payload, tmp))
 
 
-def _pause_for_tests() -> None:
-    """Fault injection: the resume test kills the process while a checkpoint is half-saved."""
-    delay = float(os.environ.get("MIXER_TEST_SAVE_DELAY", "0"))
-    if delay:
-        print("saving checkpoint", flush=True)
-        time.sleep(delay)
+def _pause_for_tests(epoch: int) -> None:
+    """Fault injection: the resume test kills the process while this epoch's checkpoint is half-saved."""
+    if os.environ.get("MIXER_TEST_PAUSE_SAVE_AT_EPOCH") == str(epoch):
+        print(f"saving checkpoint of epoch {epoch}", flush=True)
+        time.sleep(60)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, ema) -> State:

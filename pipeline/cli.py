@@ -40,7 +40,7 @@ def _show(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _override_parameter(name: str) -> inspect.Parameter:
+def _override_parameter(name: str, stage: str) -> inspect.Parameter:
     """A keyword option for params key `name`, under both spellings, defaulting to 'not given'."""
     hints = typing.get_type_hints(Params)
     kind = hints[name]
@@ -55,19 +55,20 @@ def _override_parameter(name: str) -> inspect.Parameter:
     decls = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
     if kind is bool:
         decls = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
-    option = typer.Option(*decls, help=text, rich_help_panel="params.yaml keys (override for this run)",
-                          show_default=False)
+    panel = (f"params.yaml keys the {stage} stage reads (override for this run)" if stage in info["stages"]
+             else "other params.yaml keys (validated with the rest)")
+    option = typer.Option(*decls, help=text, rich_help_panel=panel, show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[kind], option])
 
 
 def stage_command(stage: str, name: str | None = None):
-    """Register a command whose options include every params key of `stage` as an override.
+    """Register a command whose options include every params key as an override, the stage's first.
 
     The decorated function takes `overrides` (key → value given on the command line) plus its own
     options; a `MixerError` anywhere below becomes one line on stderr and exit code 2.
     """
-    keys = stage_keys(stage)
+    keys = stage_keys(stage) + [f.name for f in fields(Params) if stage not in f.metadata["stages"]]
 
     def decorate(func):
         own = [p for p in inspect.signature(func).parameters.values() if p.name != "overrides"]
@@ -80,7 +81,7 @@ def stage_command(stage: str, name: str | None = None):
             except MixerError as exc:
                 raise fail(str(exc)) from None
 
-        params = own + [_override_parameter(k) for k in keys]
+        params = own + [_override_parameter(k, stage) for k in keys]
         command.__signature__ = inspect.Signature(params)
         command.__annotations__ = {p.name: p.annotation for p in params}
         return app.command(name or func.__name__)(command)

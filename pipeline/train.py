@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from mixer.augment import AugmentConfig
 from mixer.checkpoint import load_model
 from mixer.data import load_split
@@ -72,6 +74,7 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool) -> d
     if tuple(train_split.images.shape[1:3]) != p.image_shape:
         raise MixerError(f"image_shape is {list(p.image_shape)} but {PREPARED} holds "
                          f"{list(train_split.images.shape[1:3])} images; run `mixer prepare` again")
+    torch.manual_seed(p.seed)  # the initialisation: the same on every rank and every run
     model = build_model(p, len(classes))
     config = train_config(p)
     live = _live(resume, p) if _is_main_process() else None
