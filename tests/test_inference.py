@@ -1,0 +1,93 @@
+"""predict and export: evaluation's preprocessing, a row per image (errors included), ONNX parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mixer.checkpoint import load_model, save_model
+from mixer.data import decode
+from mixer.engine import normalize, standardize
+from mixer.errors import MixerError
+from mixer.inference import export_onnx, list_images, predict_files
+from mixer.model import create_model
+from pipeline.cli import app
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    torch.manual_seed(0)
+    model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=16, num_classes=6)
+    with torch.no_grad():
+        model.head.weight.normal_()  # a trained-looking head, so predictions differ between images
+    save_model(model, tmp_path / "model", ["ant", "bee", "cat", "dog", "eel", "fox"])
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "sub/b.jpg", "c.PNG"):
+        Image.fromarray(rng.integers(0, 256, (20, 14, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    (folder / "readme.txt").write_text("ignored")
+    return folder
+
+
+def test_predict_matches_the_evaluation_path_and_keeps_going_past_a_bad_image(model_dir, images):
+    model = load_model(model_dir)
+    files = list_images([images])
+    assert [f.name for f in files] == ["a.png", "broken.png", "c.PNG", "b.jpg"]
+    table = predict_files(model, files, top_k=3)
+    assert list(table["path"]) == [str(f) for f in files]
+    broken = table[table["path"].str.endswith("broken.png")].iloc[0]
+    assert broken["error"] and broken["label_1"] == ""
+    good = table[table["error"] == ""]
+    assert len(good) == 3
+    for row in good.itertuples():
+        array, _ = decode(row.path, (8, 8))
+        with torch.inference_mode():
+            expected = torch.softmax(model(standardize(normalize(torch.from_numpy(array[None])))), 1)[0]
+        top = expected.topk(3)
+        assert [row.label_1, row.label_2, row.label_3] == [model.meta["class_names"][i] for i in top.indices]
+        assert row.prob_1 == pytest.approx(top.values[0].item(), abs=1e-6)
+        assert row.prob_1 >= row.prob_2 >= row.prob_3
+
+
+def test_predict_cli_writes_the_csv(model_dir, images, tmp_path):
+    result = CliRunner().invoke(app, ["predict", str(images), "--model", str(model_dir), "--top-k", "2",
+                                      "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert list(table.columns) == ["path", "label_1", "prob_1", "label_2", "prob_2", "error"]
+    assert len(table) == 4 and (table["error"] != "").sum() == 1
+
+
+def test_predict_errors(model_dir, tmp_path):
+    with pytest.raises(MixerError, match="does not exist"):
+        list_images([tmp_path / "nope.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MixerError, match="no images found"):
+        list_images([tmp_path / "empty"])
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "nope.png"), "--model", str(model_dir)])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_onnx_export_parity_and_dynamic_batch(model_dir):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = load_model(model_dir)
+    difference = export_onnx(model, model_dir / "model.onnx")
+    assert difference <= 1e-4
+    session = onnxruntime.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        got = session.run(None, {"images": x.numpy()})[0]
+        assert got.shape == (batch, 6) and np.abs(got - expected).max() <= 1e-4
