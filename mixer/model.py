@@ -34,21 +34,26 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(x))
 
     def forward_tokens(self, x: Tensor) -> Tensor:
-        """Mix axis -2 of (batch, tokens, dim): W2·GELU(W1·X + b1) + b2 with W broadcast over the batch.
+        """Mix axis 0 of token-major activations (tokens, batch, dim): W2·GELU(W1·X + b1) + b2.
 
-        The same function as `self(x.transpose(1, 2)).transpose(1, 2)`, without the two transposes
-        and the copies they force: the token weights multiply each image's (tokens, dim) matrix.
+        With X viewed as one (tokens, batch·dim) matrix, each layer is a single large GEMM with the
+        bias fused (addmm): the same function as `self(x.transpose(...))` in the usual (batch,
+        tokens, dim) layout, without the transposes, their copies, or batched small matmuls.
         """
-        h = torch.matmul(self.fc1.weight, x).add_(self.fc1.bias.unsqueeze(-1))
+        tokens, rest = x.shape[0], x.shape[1:]
+        h = torch.addmm(self.fc1.bias.unsqueeze(1), self.fc1.weight, x.reshape(tokens, -1))
         h = self.drop(F.gelu(h, approximate=self.approximate))
-        return self.drop(torch.matmul(self.fc2.weight, h).add_(self.fc2.bias.unsqueeze(-1)))
+        return self.drop(torch.addmm(self.fc2.bias.unsqueeze(1), self.fc2.weight, h)).view(tokens, *rest)
 
 
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
-    """Stochastic depth: drop the residual branch for whole samples (Huang et al. 2016)."""
+    """Stochastic depth: drop the residual branch for whole samples (Huang et al. 2016).
+
+    `x` is token-major (tokens, batch, dim): the batch is axis 1.
+    """
     if rate == 0.0 or not training:
         return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - rate)
+    keep = x.new_empty(1, x.shape[1], 1).bernoulli_(1.0 - rate)
     return x * keep / (1.0 - rate)
 
 
@@ -64,7 +69,7 @@ class MixerBlock(nn.Module):
         self.channel_mlp = Mlp(dim, channel_hidden, gelu, dropout)
         self.drop_path_rate = drop_path_rate
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (batch, patches, dim)
+    def forward(self, x: Tensor) -> Tensor:  # x: (patches, batch, dim), token-major
         x = x + drop_path(self.token_mlp.forward_tokens(self.token_norm(x)), self.drop_path_rate, self.training)
         return x + drop_path(self.channel_mlp(self.channel_norm(x)), self.drop_path_rate, self.training)
 
@@ -164,13 +169,24 @@ class MlpMixer(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.config = replace(self.config, num_classes=num_classes)
 
+    def embed(self, images: Tensor) -> Tensor:
+        """Per-patch linear embedding: (batch, chans, H, W) → token-major (patches, batch, dim).
+
+        The same function as `self.stem` (a conv with stride = kernel = patch), as one reshape and
+        one GEMM that lands directly in the layout the blocks use.
+        """
+        b, c, h, w = images.shape
+        (ph, pw), (gh, gw) = self.config.patch_shape, (h // self.config.patch_shape[0], w // self.config.patch_shape[1])
+        patches = images.reshape(b, c, gh, ph, gw, pw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, b, c * ph * pw)
+        return F.linear(patches, self.stem.weight.reshape(self.stem.out_channels, -1), self.stem.bias)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (batch, chans, H, W) to normalised patch embeddings (batch, patches, dim)."""
-        x = self.stem(x).flatten(2).transpose(1, 2)  # (batch, dim, gh, gw) -> (batch, patches, dim)
-        return self.norm(self.blocks(x))
+        # The blocks run token-major, (patches, batch, dim): both mixings are then plain GEMMs.
+        return self.norm(self.blocks(self.embed(x))).transpose(0, 1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Global average pool over patches, then the linear head."""
+        """Global average pool over patches, then the linear head; x: (batch, patches, dim)."""
         x = x.mean(dim=1)
         return x if pre_logits else self.head(x)
 

@@ -113,8 +113,17 @@ def test_dropout_and_drop_path_are_off_by_default_and_work_when_on():
 def test_token_mixing_without_transposes_equals_the_transposed_form():
     model = create_model(image_shape=(12, 12), patch_shape=(3, 3), depth=1, dim=10, num_classes=3)
     mlp = model.blocks[0].token_mlp
-    x = torch.randn(4, 16, 10)
-    torch.testing.assert_close(mlp.forward_tokens(x), mlp(x.transpose(1, 2)).transpose(1, 2))
+    x = torch.randn(4, 16, 10)  # (batch, tokens, dim), the usual layout
+    token_major = mlp.forward_tokens(x.transpose(0, 1).contiguous()).transpose(0, 1)
+    torch.testing.assert_close(token_major, mlp(x.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize(("image", "patch"), [((12, 12), (3, 3)), ((16, 24), (4, 2))])
+def test_patch_embedding_equals_the_strided_conv(image, patch):
+    model = create_model(image_shape=image, patch_shape=patch, depth=1, dim=10, num_classes=3)
+    x = torch.randn(2, 3, *image)
+    conv = model.stem(x).flatten(2).permute(2, 0, 1)  # (patches, batch, dim)
+    torch.testing.assert_close(model.embed(x), conv, atol=1e-5, rtol=1e-5)
 
 
 def test_reset_head_for_fine_tuning():

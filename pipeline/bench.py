@@ -1,0 +1,88 @@
+"""`mixer bench`: throughput, MFU and data wait for the original and the default config, ours vs reference."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from mixer.bench import benchmark, data_wait_share, matmul_peak
+from mixer.data import Split, load_split
+from mixer.errors import MixerError
+from mixer.model import MixerConfig, MlpMixer, create_model
+from pipeline.params import load_params
+from pipeline.paths import PREPARED
+
+ORIGINAL = dict(image_shape=(256, 256), patch_shape=(16, 16), depth=6, dim=512, num_classes=120)
+
+
+def configs(which: str, params_file: Path) -> dict[str, tuple[MixerConfig, int]]:
+    out = {}
+    if which in ("original", "both"):
+        out["original"] = (create_model(**ORIGINAL).config, 16)
+    if which in ("default", "both"):
+        p = load_params(params_file)
+        model = create_model(p.variant, image_shape=p.image_shape, patch_shape=None if p.variant else p.patch_shape,
+                             depth=None if p.variant else p.depth, dim=None if p.variant else p.dim,
+                             num_classes=p.num_classes or 10, token_hidden=p.token_hidden,
+                             channel_hidden=p.channel_hidden)
+        out["default"] = (model.config, p.batch_size)
+    if not out:
+        raise MixerError(f"--config must be original, default or both, got {which!r}")
+    return out
+
+
+def cached_split(c: MixerConfig, scratch: Path) -> Split:
+    """The prepared cache when it matches the config, else a memory-mapped cache of random images."""
+    try:
+        split = load_split(PREPARED, "train")
+        if tuple(split.images.shape[1:3]) == c.image_shape:
+            return split
+    except MixerError:
+        pass
+    images = np.lib.format.open_memmap(scratch / "images.npy", mode="w+", dtype=np.uint8,
+                                       shape=(256, *c.image_shape, 3))
+    images[:] = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+    images.flush()
+    mapped = np.load(scratch / "images.npy", mmap_mode="r")
+    return Split(mapped, np.arange(256) % c.num_classes, [""] * 256, [])
+
+
+def run(which: str, steps: int, as_json: bool, compile: bool, params_file: Path) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if device.type == "cuda" else [])
+    results = []
+    for (precision, dtype) in precisions:
+        peak = matmul_peak(device, dtype or torch.float32)
+        for (name, (c, batch)) in configs(which, params_file).items():
+            r = benchmark(c, batch, steps, device, peak, dtype, compile)
+            with tempfile.TemporaryDirectory() as scratch:
+                r["data_wait_share"] = data_wait_share(MlpMixer(c).to(device), cached_split(c, Path(scratch)),
+                                                       batch, max(steps // 2, 3), device)
+            r.update(config=name, precision=precision, device=str(device), threads=torch.get_num_threads())
+            results.append(r)
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        show(results)
+    return results
+
+
+def show(results: list[dict]) -> None:
+    table = Table(title="mixer bench (medians of interleaved steps; ours vs the plain reference)")
+    for column in ("config", "precision", "batch", "train img/s", "ref train", "speed-up", "infer img/s",
+                   "ref infer", "speed-up", "GFLOP/s", "matmul peak", "MFU", "ref MFU", "data wait", "peak MiB"):
+        table.add_column(column, justify="right")
+    for r in results:
+        o, ref = r["ours"], r["reference"]
+        table.add_row(r["config"], r["precision"], str(r["batch"]), f"{o['train_images_per_s']:.1f}",
+                      f"{ref['train_images_per_s']:.1f}", f"{r['speedup_train']:.2f}×", f"{o['infer_images_per_s']:.1f}",
+                      f"{ref['infer_images_per_s']:.1f}", f"{r['speedup_infer']:.2f}×", f"{o['train_gflops']:.0f}",
+                      f"{r['peak_gflops']:.0f}", f"{o['mfu']:.0%}", f"{ref['mfu']:.0%}", f"{r['data_wait_share']:.1%}",
+                      f"{r['peak_memory_mib']:.0f}")
+    Console(width=220).print(table)
