@@ -230,24 +230,27 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     n = len(source.items)
     if n == 0:
         raise MixerError(f"data {source.root} has no images")
-    images = np.lib.format.open_memmap(out_dir / "images.npy", mode="w+", dtype=np.uint8,
+    # The .npy header first, then each image written at its row's offset: pages go to the file,
+    # not to this process, so memory stays flat however large the data set.
+    header = np.lib.format.open_memmap(out_dir / "images.npy", mode="w+", dtype=np.uint8,
                                        shape=(n, height, width, 3))
+    offset, row_bytes = header.offset, height * width * 3
+    del header
     digests: list[str | None] = [None] * n
     skipped = list(source.skipped)
     jobs = [(i, source.root / rel, config.image_shape, config.resize) for (i, (rel, _)) in enumerate(source.items)]
-    results = _run_jobs(jobs, workers)
-    for (index, array, digest, error) in results:
-        if error is None:
-            images[index] = array
-            digests[index] = digest
-        elif config.strict:
-            raise MixerError(f"{source.root / source.items[index][0]}: {error} (strict: true)")
-        else:
-            skipped.append({"path": source.items[index][0], "reason": error})
-        if progress is not None:
-            progress()
-    images.flush()
-    del images
+    with open(out_dir / "images.npy", "r+b") as cache:
+        for (index, array, digest, error) in _run_jobs(jobs, workers):
+            if error is None:
+                cache.seek(offset + index * row_bytes)
+                cache.write(array.tobytes())
+                digests[index] = digest
+            elif config.strict:
+                raise MixerError(f"{source.root / source.items[index][0]}: {error} (strict: true)")
+            else:
+                skipped.append({"path": source.items[index][0], "reason": error})
+            if progress is not None:
+                progress()
 
     class_index = {name: i for (i, name) in enumerate(source.classes)}
     table = pd.DataFrame({

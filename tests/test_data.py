@@ -219,3 +219,14 @@ def test_errors_name_the_culprit(tmp_path, case, message):
     with pytest.raises(MixerError) as caught:
         prepare(open_source(str(target), tmp_path / "scratch"), tmp_path / "cache", config(**kw))
     assert message.format(root=root) in str(caught.value)
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "data", {"a": 3, "b": 3}, size=(8, 8))
+    Image.new("RGB", (30, 30)).save(root / "a" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 8×8 fits; 30×30 = 900 is a 'bomb' here
+    with pytest.raises(ValueError, match="decompression bomb"):
+        decode(root / "a" / "huge.png", (8, 8))
+    report = prepare(scan_folder(root), tmp_path / "cache", config())
+    assert [d["path"] for d in report["skipped"]] == ["a/huge.png"]
+    assert "decompression bomb" in report["skipped"][0]["reason"]
