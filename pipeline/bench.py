@@ -73,6 +73,32 @@ def run(which: str, steps: int, as_json: bool, compile: bool, params_file: Path)
     return results
 
 
+def scaling(steps: int, as_json: bool) -> list[dict]:
+    """Training images/s of our model against the number of patches and the depth (dim 256, batch 8)."""
+    from mixer.bench import interleaved, train_flops
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for side in (64, 128, 256):
+        for depth in (2, 4, 8):
+            c = create_model(image_shape=(side, side), patch_shape=(16, 16), depth=depth, dim=256, num_classes=100).config
+            t = interleaved({"ours": MlpMixer(c).to(device)}, c, 8, steps, device)["ours"]
+            step = float(np.median(t.train_s))
+            rows.append({"image": side, "patches": c.num_patches, "depth": depth, "train_images_per_s": 8 / step,
+                         "train_gflop_per_image": train_flops(c) / 1e9, "ms_per_image": 1000 * step / 8})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = Table(title="training cost vs patches and depth (dim 256, patch 16, batch 8)")
+        for column in ("image", "patches", "depth", "train img/s", "ms / image", "GFLOP / image"):
+            table.add_column(column, justify="right")
+        for r in rows:
+            table.add_row(str(r["image"]), str(r["patches"]), str(r["depth"]), f"{r['train_images_per_s']:.1f}",
+                          f"{r['ms_per_image']:.1f}", f"{r['train_gflop_per_image']:.2f}")
+        Console(width=120).print(table)
+    return rows
+
+
 def show(results: list[dict]) -> None:
     table = Table(title="mixer bench (medians of interleaved steps; ours vs the plain reference)")
     for column in ("config", "precision", "batch", "train img/s", "ref train", "speed-up", "infer img/s",

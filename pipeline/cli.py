@@ -186,11 +186,17 @@ def bench(config: Annotated[str, typer.Option(help="original, default, or both")
           steps: Annotated[int, typer.Option(help="timed steps per measurement")] = 10,
           json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
           compile: Annotated[bool, typer.Option(help="also time torch.compile (reports warm-up)")] = False,
+          scaling: Annotated[bool, typer.Option(help="instead: cost against patches and depth")] = False,
           params: ParamsOption = PARAMS_FILE) -> None:
     """Measure training/inference throughput, FLOP/s, MFU and data wait against a plain reference."""
     from pipeline import bench as stage
 
-    stage.run(config, steps, json_out, compile, params)
+    if steps < 1:
+        raise fail(f"--steps must be at least 1, got {steps}")
+    if scaling:
+        stage.scaling(steps, json_out)
+    else:
+        stage.run(config, steps, json_out, compile, params)
 
 
 def main() -> None:
