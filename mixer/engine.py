@@ -150,7 +150,6 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     if spe == 0:
         raise MixerError(f"batch_size {config.batch_size} × grad_accum {config.grad_accum} × "
                          f"{world} process(es) exceeds the {len(train_split)} training images")
-    torch.manual_seed(config.seed)
     num_classes = model.config.num_classes
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, spe, config.epochs, config.warmup_epochs, config.scheduler,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -44,7 +45,7 @@ def _override_parameter(name: str, stage: str) -> inspect.Parameter:
     """A keyword option for params key `name`, under both spellings, defaulting to 'not given'."""
     hints = typing.get_type_hints(Params)
     kind = hints[name]
-    if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType):
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     info = field_info(name)
     default = next(f.default for f in fields(Params) if f.name == name)

@@ -66,7 +66,7 @@ class Params:
     optimizer: str = _p("adamw", "sgd (with momentum) or adamw (betas momentum, 0.999)", "train", "sgd")
     min_lr: float = _p(0.0, "learning-rate floor at the end of the decay", "train")
     clip_grad: float = _p(1.0, "clip gradients to this global norm (0: off)", "train")
-    label_smoothing: float = _p(0.1, "label smoothing of the cross-entropy", "train")
+    label_smoothing: float = _p(0.0, "label smoothing of the cross-entropy", "train")
     grad_accum: int = _p(1, "micro-batches accumulated per optimizer step", "train")
     ema_decay: float = _p(0.0, "EMA of weights per step (0: off); the EMA is evaluated and saved", "train")
     # augmentation (train only, on the training device)
