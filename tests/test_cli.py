@@ -101,3 +101,15 @@ def test_a_bad_value_overwrites_nothing(runner, project):
 def test_non_numbers_are_rejected_by_the_parser(runner, project):
     result = runner.invoke(app, ["train", "--depth", "six"])
     assert result.exit_code == 2 and "depth" in result.output
+
+
+def test_fine_tuning_a_checkpoint_with_another_patch_grid_says_why(runner, project):
+    from mixer.checkpoint import save_model
+    from mixer.model import create_model
+
+    save_model(create_model(image_shape=(8, 8), patch_shape=(4, 4), depth=1, dim=16, num_classes=3), project / "ck")
+    runner.invoke(app, ["prepare", "--workers", "1"])
+    result = runner.invoke(app, ["train", "--checkpoint", "ck", *TINY])
+    assert result.exit_code == 2
+    assert "(4 patches)" in result.output and "gives 16" in result.output
+    assert "token-mixing weights are tied to the number of patches" in result.output

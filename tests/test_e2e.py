@@ -80,3 +80,19 @@ def test_dvc_exp_run_set_param_as_written(repo):
     assert "depth" in table.columns and "accuracy" in table.columns
     ours = table[table["depth"] == "3"]
     assert len(ours) >= 1 and 0 <= float(ours["accuracy"].iloc[0]) <= 1
+
+
+def test_fine_tune_an_imported_checkpoint_through_dvc(repo):
+    from reference import as_timm, random_weights
+    from safetensors.torch import save_file
+
+    # a timm-layout model on the default grid (12×12 images, 3×3 patches: 16 patches), 5 classes
+    weights = as_timm(random_weights(3, (3, 3), 16, 32, 16, 64, 1, 5))
+    save_file({k: v.contiguous() for (k, v) in weights.items()}, str(repo / "timm.safetensors"))
+    ok(["mixer", "import-weights", "timm.safetensors", "models/imported"], repo)
+    out = ok(["dvc", "exp", "run", "-S", "checkpoint=models/imported"], repo)
+    assert "new zero-initialised head for 10 classes" in out
+    arch = json.loads((repo / "output" / "config.json").read_text())["architecture"]
+    assert (arch["dim"], arch["depth"], arch["num_classes"], arch["token_hidden"]) == (32, 1, 10, 16)
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1
