@@ -1,7 +1,7 @@
 """Throughput, FLOP/s, MFU and data wait of the Mixer, against a plain reference of the same math.
 
 The reference is how most public implementations write MLP-Mixer: token mixing as transpose →
-`nn.Linear` → transpose. Ours and the reference are timed interleaved (A B A B …) in one run and
+`nn.Linear` → transpose. Ours and the reference are timed interleaved (A B, B A, …) in one run and
 compared by medians, so a busy machine slows both alike.
 """
 
@@ -123,21 +123,22 @@ def _infer_step(model, x, autocast_dtype):
 
 def interleaved(models: dict[str, nn.Module], c: MixerConfig, batch: int, steps: int, device: torch.device,
                 autocast_dtype: torch.dtype | None = None) -> dict:
-    """Time train and inference steps of each model in turn (A B A B …); returns per-step seconds
-    and the best matmul GFLOP/s seen between rounds."""
+    """Time train and inference steps of each model in turn (A B, B A, …); returns per-step seconds
+    and the best matmul GFLOP/s probed before and after."""
     x = torch.randn(batch, c.in_chans, *c.image_shape, device=device)
     y = torch.randint(c.num_classes, (batch,), device=device)
     optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for (k, m) in models.items()}
     result = {k: Timing([], []) for k in models}
-    result["peak_gflops"] = 0.0  # the matmul peak, measured between rounds under the same conditions
+    # the matmul peak, probed before and after the timed rounds (never right before one model only)
+    result["peak_gflops"] = matmul_peak(device, autocast_dtype or torch.float32)
     for (k, m) in models.items():  # warm-up: allocator, kernels, compile
         for _ in range(2):
             _train_step(m, optimizers[k], x, y, autocast_dtype)
             _infer_step(m, x, autocast_dtype)
-    for _ in range(steps):
-        result["peak_gflops"] = max(result["peak_gflops"], matmul_peak(device, autocast_dtype or torch.float32,
-                                                                       repeats=3))
-        for (k, m) in models.items():
+    names = list(models)
+    for step in range(steps):
+        for k in (names if step % 2 == 0 else names[::-1]):  # A B, B A, …: neither always goes first
+            m = models[k]
             _sync(device)
             start = time.perf_counter()
             _train_step(m, optimizers[k], x, y, autocast_dtype)
@@ -147,6 +148,7 @@ def interleaved(models: dict[str, nn.Module], c: MixerConfig, batch: int, steps:
             _sync(device)
             result[k].train_s.append(middle - start)
             result[k].infer_s.append(time.perf_counter() - middle)
+    result["peak_gflops"] = max(result["peak_gflops"], matmul_peak(device, autocast_dtype or torch.float32))
     return result
 
 
@@ -193,8 +195,8 @@ def benchmark(c: MixerConfig, batch: int, steps: int, device: torch.device, peak
         start = time.perf_counter()
         models["ours_compiled"] = torch.compile(MlpMixer(c).to(device))
         _train_step(models["ours_compiled"], torch.optim.SGD(models["ours_compiled"].parameters(), lr=0.0),
-                    probe.expand(batch, -1, -1, -1).contiguous(), torch.zeros(batch, dtype=torch.long, device=device),
-                    autocast_dtype)
+                    torch.randn(batch, c.in_chans, *c.image_shape, device=device),
+                    torch.zeros(batch, dtype=torch.long, device=device), autocast_dtype)
         compile_s = time.perf_counter() - start
     timings = interleaved(models, c, batch, steps, device, autocast_dtype)
     peak_gflops = max(peak_gflops, timings.pop("peak_gflops"))
