@@ -64,6 +64,14 @@ def test_exif_orientation_is_applied_before_resizing(tmp_path):
     image.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
     array, _ = decode(tmp_path / "rotated.jpg", (8, 4))  # displayed: tall, red on top
     assert array[1, :, 0].mean() > 200 and array[-2, :, 0].mean() < 60
+    # and so it lands in the cache
+    root = make_image_folder(tmp_path / "data", {"a": 3, "b": 3}, size=(8, 4))
+    (tmp_path / "rotated.jpg").rename(root / "a" / "rotated.jpg")
+    prepare(scan_folder(root), tmp_path / "cache", PrepareConfig(image_shape=(8, 4), test_fraction=0.2))
+    manifest = pd.read_csv(tmp_path / "cache" / "manifest.csv")
+    row = int(manifest.loc[manifest["path"] == "a/rotated.jpg", "row"].iloc[0])
+    cached = np.load(tmp_path / "cache" / "images.npy", mmap_mode="r")[row]
+    assert cached[1, :, 0].mean() > 200 and cached[-2, :, 0].mean() < 60
 
 
 def test_resize_policies(tmp_path):

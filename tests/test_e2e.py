@@ -96,3 +96,14 @@ def test_fine_tune_an_imported_checkpoint_through_dvc(repo):
     assert (arch["dim"], arch["depth"], arch["num_classes"], arch["token_hidden"]) == (32, 1, 10, 16)
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert 0 <= metrics["accuracy"] <= 1
+
+
+def test_dvc_repro_on_a_user_image_folder(repo):
+    from conftest import make_image_folder
+
+    make_image_folder(repo / "data" / "shapes", {"circle": 15, "square": 15, "star": 15}, size=(20, 16))
+    ok(["dvc", "exp", "run", "-S", "data=data/shapes", "-S", "num_classes=null"], repo)
+    report = json.loads((repo / "reports" / "data.json").read_text())
+    assert report["classes"] == ["circle", "square", "star"]
+    assert sum(sum(c.values()) for c in report["counts"].values()) == 45
+    assert json.loads((repo / "output" / "config.json").read_text())["class_names"] == ["circle", "square", "star"]

@@ -129,3 +129,16 @@ def test_resume_replays_the_rest_of_the_run_exactly(tmp_path):
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(MixerError, match="cannot resume: no checkpoint"):
         run(tmp_path, 1, resume=True)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    base = dict(epochs=2, lr=0.05, optimizer="sgd", warmup_epochs=0, seed=2, clip_grad=0.0)
+    results = []
+    for (batch, accum) in ((16, 1), (8, 2)):
+        torch.manual_seed(0)
+        model = tiny_model()
+        train(model, tiny_split(), tiny_split(12, seed=1), TrainConfig(batch_size=batch, grad_accum=accum, **base),
+              tmp_path / f"{batch}", Machine(progress=False))
+        results.append(model.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=0)
