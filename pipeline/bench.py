@@ -105,10 +105,18 @@ def show(results: list[dict]) -> None:
                    "ref infer", "speed-up", "GFLOP/s", "matmul peak", "MFU", "ref MFU", "data wait", "peak MiB"):
         table.add_column(column, justify="right")
     for r in results:
-        o, ref = r["ours"], r["reference"]
-        table.add_row(r["config"], r["precision"], str(r["batch"]), f"{o['train_images_per_s']:.1f}",
-                      f"{ref['train_images_per_s']:.1f}", f"{r['speedup_train']:.2f}×", f"{o['infer_images_per_s']:.1f}",
-                      f"{ref['infer_images_per_s']:.1f}", f"{r['speedup_infer']:.2f}×", f"{o['train_gflops']:.0f}",
-                      f"{r['peak_gflops']:.0f}", f"{o['mfu']:.0%}", f"{ref['mfu']:.0%}", f"{r['data_wait_share']:.1%}",
-                      f"{r['peak_memory_mib']:.0f}")
+        ref = r["reference"]
+        for (label, o) in ((r["config"], r["ours"]), (f"{r['config']} compiled", r.get("ours_compiled"))):
+            if o is None:
+                continue
+            table.add_row(label, r["precision"], str(r["batch"]), f"{o['train_images_per_s']:.1f}",
+                          f"{ref['train_images_per_s']:.1f}",
+                          f"{o['train_images_per_s'] / ref['train_images_per_s']:.2f}×",
+                          f"{o['infer_images_per_s']:.1f}", f"{ref['infer_images_per_s']:.1f}",
+                          f"{o['infer_images_per_s'] / ref['infer_images_per_s']:.2f}×", f"{o['train_gflops']:.0f}",
+                          f"{r['peak_gflops']:.0f}", f"{o['mfu']:.0%}", f"{ref['mfu']:.0%}",
+                          f"{r['data_wait_share']:.1%}", f"{r['peak_memory_mib']:.0f}")
     Console(width=220).print(table)
+    if any(r.get("compile_warmup_s") for r in results):
+        print("torch.compile warm-up: " + ", ".join(f"{r['config']} {r['compile_warmup_s']:.0f} s"
+                                                    for r in results if r.get("compile_warmup_s")))
