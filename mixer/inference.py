@@ -68,7 +68,7 @@ def predict_files(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_size
                     row[f"prob_{rank + 1}"] = round(p[rank], 6)
                 rows.append(row)
     order = {str(p): n for (n, p) in enumerate(paths)}
-    table = pd.DataFrame(rows).fillna("")
+    table = pd.DataFrame(rows, dtype=object).fillna("")
     table = table.sort_values("path", key=lambda s: s.map(order)).reset_index(drop=True)
     columns = ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
     return table.reindex(columns=columns, fill_value="")

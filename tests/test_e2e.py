@@ -101,9 +101,9 @@ def test_fine_tune_an_imported_checkpoint_through_dvc(repo):
 def test_dvc_repro_on_a_user_image_folder(repo):
     from conftest import make_image_folder
 
-    make_image_folder(repo / "data" / "shapes", {"circle": 15, "square": 15, "star": 15}, size=(20, 16))
-    ok(["dvc", "exp", "run", "-S", "data=data/shapes", "-S", "num_classes=null"], repo)
+    make_image_folder(repo / "data" / "shapes", {"circle": 40, "square": 40, "star": 40}, size=(20, 16))
+    ok(["dvc", "exp", "run", "-S", "data=data/shapes", "-S", "num_classes=null", "-S", "checkpoint=null"], repo)
     report = json.loads((repo / "reports" / "data.json").read_text())
     assert report["classes"] == ["circle", "square", "star"]
-    assert sum(sum(c.values()) for c in report["counts"].values()) == 45
+    assert sum(sum(c.values()) for c in report["counts"].values()) == 120
     assert json.loads((repo / "output" / "config.json").read_text())["class_names"] == ["circle", "square", "star"]
