@@ -77,7 +77,6 @@ def write_readme(p: Params, metrics: dict) -> None:
     keys = ["data", "image_shape", "patch_shape", "variant", "depth", "dim", "num_classes", "batch_size",
             "optimizer", "lr", "decay", "num_steps", "warmup_step", "scheduler", "seed"]
     rows = "\n".join(f"| `{k}` | `{_show(getattr(p, k))}` |" for k in keys)
-    top5 = "n/a" if metrics["top5_accuracy"] is None else f"{metrics['top5_accuracy']:.4f}"
     (REPORTS / "README.md").write_text(f"""# Run report
 
 Written by `mixer evaluate`. Compare with another commit: `dvc metrics diff`, `dvc plots diff`.
@@ -86,9 +85,9 @@ Written by `mixer evaluate`. Compare with another commit: `dvc metrics diff`, `d
 
 | metric | test | val |
 | --- | --- | --- |
-| top-1 accuracy | {metrics['accuracy']:.4f} | {metrics['val']['accuracy']:.4f} |
-| top-5 accuracy | {top5} | {metrics['val']['top5_accuracy'] if metrics['val']['top5_accuracy'] is None else f"{metrics['val']['top5_accuracy']:.4f}"} |
-| loss | {metrics['loss']:.4f} | {metrics['val']['loss']:.4f} |
+| top-1 accuracy | {_cell(metrics['accuracy'])} | {_cell(metrics['val']['accuracy'])} |
+| top-5 accuracy | {_cell(metrics['top5_accuracy'])} | {_cell(metrics['val']['top5_accuracy'])} |
+| loss | {_cell(metrics['loss'])} | {_cell(metrics['val']['loss'])} |
 
 Per class: [per_class.csv](per_class.csv). Data: [data.json](data.json).
 
@@ -108,5 +107,10 @@ Per class: [per_class.csv](per_class.csv). Data: [data.json](data.json).
 """)
 
 
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _show(value) -> str:
+    """A params value as YAML writes it."""
     return "null" if value is None else str(list(value) if isinstance(value, tuple) else value)
