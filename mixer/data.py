@@ -53,8 +53,9 @@ def export_digits(dest: Path) -> Path:
     return Path(dest)
 
 
-def _is_hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
+def is_image_file(rel: Path) -> bool:
+    """An image by its extension (any case), with no hidden part in its path relative to the root."""
+    return rel.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts)
 
 
 def scan_folder(root: Path) -> Source:
@@ -73,7 +74,7 @@ def scan_folder(root: Path) -> Source:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for filename in filenames:
                 rel = (Path(dirpath) / filename).relative_to(root)
-                if not _is_hidden(rel) and rel.suffix.lower() in IMAGE_EXTENSIONS:
+                if is_image_file(rel):
                     items.append((rel.as_posix(), name))
     return Source(root, sorted(items), classes)
 

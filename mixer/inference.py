@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mixer.data import IMAGE_EXTENSIONS, decode
+from mixer.data import decode, is_image_file
+from mixer.engine import normalize
 from mixer.errors import MixerError
 from mixer.model import MlpMixer
 
@@ -19,8 +20,7 @@ def list_images(paths: list[Path]) -> list[Path]:
     out = []
     for path in map(Path, paths):
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                          and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            out += sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p.relative_to(path)))
         elif path.exists():
             out.append(path)
         else:
@@ -35,8 +35,7 @@ def preprocess(model: MlpMixer, arrays: np.ndarray) -> torch.Tensor:
     meta = getattr(model, "meta", {}).get("normalization", {"mean": [0.5] * 3, "std": [0.5] * 3})
     mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
-    x = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
-    return (x - mean) / std
+    return (normalize(torch.from_numpy(arrays)) - mean) / std
 
 
 @torch.inference_mode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, create_model
 from pipeline.params import load_params
 from pipeline.paths import PREPARED
+from pipeline.train import build_model
 
 ORIGINAL = dict(image_shape=(256, 256), patch_shape=(16, 16), depth=6, dim=512, num_classes=120)
 
@@ -26,12 +28,8 @@ def configs(which: str, params_file: Path) -> dict[str, tuple[MixerConfig, int]]
     if which in ("original", "both"):
         out["original"] = (create_model(**ORIGINAL).config, 16)
     if which in ("default", "both"):
-        p = load_params(params_file)
-        model = create_model(p.variant, image_shape=p.image_shape, patch_shape=None if p.variant else p.patch_shape,
-                             depth=None if p.variant else p.depth, dim=None if p.variant else p.dim,
-                             num_classes=p.num_classes or 10, token_hidden=p.token_hidden,
-                             channel_hidden=p.channel_hidden)
-        out["default"] = (model.config, p.batch_size)
+        p = replace(load_params(params_file), checkpoint=None)  # the architecture training would build
+        out["default"] = (build_model(p, p.num_classes or 10).config, p.batch_size)
     if not out:
         raise MixerError(f"--config must be original, default or both, got {which!r}")
     return out
