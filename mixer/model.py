@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixer import fused
 from mixer.errors import MixerError
 
 LAYER_NORM_EPS = 1e-6  # both the official vit_jax code and timm use 1e-6, not torch's 1e-5
@@ -58,7 +59,12 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
 
 
 class MixerBlock(nn.Module):
-    """Token mixing across patches, then channel mixing across features; pre-LayerNorm, skips."""
+    """Token mixing across patches, then channel mixing across features; pre-LayerNorm, skips.
+
+    `forward` runs the fused block (`mixer.fused`: one autograd node, reused buffers) wherever it
+    computes the same thing, and these modules step by step elsewhere (dropout or stochastic depth
+    while training, autocast, tracing, export, torch.compile).
+    """
 
     def __init__(self, num_patches: int, dim: int, token_hidden: int, channel_hidden: int,
                  gelu: str = "exact", dropout: float = 0.0, drop_path_rate: float = 0.0):
@@ -70,6 +76,8 @@ class MixerBlock(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x: Tensor) -> Tensor:  # x: (patches, batch, dim), token-major
+        if fused.applies(self, x):
+            return fused.mixer_block(self, x)
         x = x + drop_path(self.token_mlp.forward_tokens(self.token_norm(x)), self.drop_path_rate, self.training)
         return x + drop_path(self.channel_mlp(self.channel_norm(x)), self.drop_path_rate, self.training)
 

@@ -96,9 +96,13 @@ def as_flax(w: dict) -> dict:
 
 def from_model(model) -> dict:
     """Read a model's weights into the reference's terms (to check its forward pass)."""
-    sd = {k: v.detach() for (k, v) in model.state_dict().items()}
+    return from_state_dict({k: v.detach() for (k, v) in model.state_dict().items()})
+
+
+def from_state_dict(sd: dict) -> dict:
+    """The reference's terms for a state dict's tensors, the same objects (so gradients reach them)."""
     blocks = []
-    for i in range(len(model.blocks)):
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("blocks.")})):
         p = f"blocks.{i}."
         blocks.append({"ln1_s": sd[p + "token_norm.weight"], "ln1_b": sd[p + "token_norm.bias"],
                        "t1": sd[p + "token_mlp.fc1.weight"], "t1_b": sd[p + "token_mlp.fc1.bias"],
