@@ -2,11 +2,13 @@
 
 The reference is how most public implementations write MLP-Mixer: token mixing as transpose →
 `nn.Linear` → transpose. Ours and the reference are timed interleaved (A B, B A, …) in one run and
-compared by medians, so a busy machine slows both alike.
+compared by medians, so a busy machine slows both alike. A third model, ours on its plain path
+(`Unfused`), shows what the fused block (`mixer.fused`) adds on top of the token-major layout.
 """
 
 from __future__ import annotations
 
+import copy
 import resource
 import statistics
 import time
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixer import fused
 from mixer.model import MixerConfig, MlpMixer
 
 
@@ -61,6 +64,18 @@ class ReferenceMixer(nn.Module):
             sd[k] = v
         self.load_state_dict(sd)
         return self
+
+
+class Unfused(nn.Module):
+    """Our model on its plain path (token-major modules, no fused block): what the fusion adds."""
+
+    def __init__(self, model: MlpMixer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with fused.disabled():
+            return self.model(x)
 
 
 # ---- counting ----------------------------------------------------------------------------------
@@ -136,18 +151,17 @@ def interleaved(models: dict[str, nn.Module], c: MixerConfig, batch: int, steps:
             _train_step(m, optimizers[k], x, y, autocast_dtype)
             _infer_step(m, x, autocast_dtype)
     names = list(models)
-    for step in range(steps):
-        for k in (names if step % 2 == 0 else names[::-1]):  # A B, B A, …: neither always goes first
-            m = models[k]
-            _sync(device)
-            start = time.perf_counter()
-            _train_step(m, optimizers[k], x, y, autocast_dtype)
-            _sync(device)
-            middle = time.perf_counter()
-            _infer_step(m, x, autocast_dtype)
-            _sync(device)
-            result[k].train_s.append(middle - start)
-            result[k].infer_s.append(time.perf_counter() - middle)
+    # training steps back to back, as in training (an inference step between them would change what
+    # the allocator has cached); then the inference steps. Each interleaved A B, B A, …
+    for (phase, run) in (("train_s", lambda k: _train_step(models[k], optimizers[k], x, y, autocast_dtype)),
+                         ("infer_s", lambda k: _infer_step(models[k], x, autocast_dtype))):
+        for step in range(steps):
+            for k in (names if step % 2 == 0 else names[::-1]):  # neither always goes first
+                _sync(device)
+                start = time.perf_counter()
+                run(k)
+                _sync(device)
+                getattr(result[k], phase).append(time.perf_counter() - start)
     result["peak_gflops"] = max(result["peak_gflops"], matmul_peak(device, autocast_dtype or torch.float32))
     return result
 
@@ -189,7 +203,7 @@ def benchmark(c: MixerConfig, batch: int, steps: int, device: torch.device, peak
     with torch.inference_mode():
         probe = torch.randn(2, c.in_chans, *c.image_shape, device=device)
         same = (ours(probe) - reference(probe)).abs().max().item()
-    models = {"ours": ours, "reference": reference}
+    models = {"ours": ours, "reference": reference, "ours_unfused": Unfused(copy.deepcopy(ours))}
     compile_s = None
     if compile:
         start = time.perf_counter()

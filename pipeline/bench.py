@@ -104,7 +104,8 @@ def show(results: list[dict]) -> None:
         table.add_column(column, justify="right")
     for r in results:
         ref = r["reference"]
-        for (label, o) in ((r["config"], r["ours"]), (f"{r['config']} compiled", r.get("ours_compiled"))):
+        for (label, o) in ((r["config"], r["ours"]), (f"{r['config']} unfused", r.get("ours_unfused")),
+                           (f"{r['config']} compiled", r.get("ours_compiled"))):
             if o is None:
                 continue
             table.add_row(label, r["precision"], str(r["batch"]), f"{o['train_images_per_s']:.1f}",
