@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -35,6 +38,24 @@ def test_original_preset_holds_the_original_defaults():
 def test_dvc_yaml_lists_exactly_the_params_each_stage_reads(stage):
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert dvc["stages"][stage]["params"] == stage_keys(stage)
+
+
+# imported by a stage, but its outputs cannot depend on them: prepare reads the variant names from
+# mixer.model only to validate params.yaml
+NOT_DEPS = {"prepare": {"mixer/model.py", "mixer/fused.py"}}
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+def test_dvc_yaml_lists_the_code_each_stage_imports(stage):
+    """A change to any module a stage runs re-runs that stage (dvc repro would be stale otherwise)."""
+    script = (f"import sys, pipeline.{stage}; print('\\n'.join(m.__file__ for (n, m) in sys.modules.items() "
+              "if n.split('.')[0] in ('mixer', 'pipeline') and getattr(m, '__file__', None)))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    imported = {Path(f).resolve().relative_to(ROOT).as_posix() for f in out.split()}
+    imported = {f for f in imported if not f.endswith("__init__.py")}
+    deps = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"])
+    assert f"pipeline/{stage}.py" in imported
+    assert imported - NOT_DEPS.get(stage, set()) <= deps, sorted(imported - NOT_DEPS.get(stage, set()) - deps)
 
 
 BAD = [
