@@ -22,6 +22,7 @@ with a clear error, because the buffers are recycled after the first backward.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import defaultdict
 
 import torch
@@ -55,26 +56,31 @@ class Workspace:
     def __init__(self) -> None:
         self.free: dict[tuple, list[Tensor]] = defaultdict(list)
         self.allocated = 0  # buffers created so far (a test checks that steady state creates none)
+        self.lock = threading.Lock()  # models may run in several threads (e.g. a web server's pool)
 
     def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         key = (tuple(shape), like.dtype, like.device, torch.is_inference_mode_enabled())
-        if self.free[key]:
-            return self.free[key].pop()
-        for other in [k for k in self.free if k != key]:
-            del self.free[other]
-        self.allocated += 1
+        with self.lock:
+            if self.free[key]:
+                return self.free[key].pop()
+            for other in [k for k in self.free if k != key]:
+                del self.free[other]
+            self.allocated += 1
         return torch.empty(shape, dtype=like.dtype, device=like.device)
 
     def idle_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in self.free.values() for t in ts)
+        with self.lock:
+            return sum(t.numel() * t.element_size() for ts in self.free.values() for t in ts)
 
     def give(self, *buffers: Tensor) -> None:
-        for t in buffers:
-            self.free[(tuple(t.shape), t.dtype, t.device, t.is_inference())].append(t)
+        with self.lock:
+            for t in buffers:
+                self.free[(tuple(t.shape), t.dtype, t.device, t.is_inference())].append(t)
 
     def clear(self) -> None:
         """Drop every free buffer (e.g. after training, before a long inference run)."""
-        self.free.clear()
+        with self.lock:
+            self.free.clear()
 
 
 WORKSPACE = Workspace()

@@ -165,3 +165,37 @@ def test_evaluation_after_training_frees_the_training_buffers():
         model.eval()(torch.randn(2, 3, 12, 12))
     assert fused.WORKSPACE.idle_bytes() < training
     assert fused.WORKSPACE.free and all(inference for (*_, inference) in fused.WORKSPACE.free)
+
+
+def test_concurrent_threads_get_their_own_buffers():
+    """Forwards and backwards running at once in several threads (a server's pool) never share a
+    buffer: each thread's outputs and gradients equal the plain path's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [_model(dtype=torch.float32) for _ in range(4)]
+    plain = _model(dtype=torch.float32)
+    inputs = [torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    y = torch.randint(5, (8,))
+    with fused.disabled():
+        expected = [_loss_and_grads(plain, x, y) for x in inputs]
+
+    def run(i):
+        results = []
+        for _ in range(20):
+            with torch.inference_mode():
+                results.append(("infer", models[i](inputs[i])))
+            results.append(("train", _loss_and_grads(models[i], inputs[i], y)))
+        return results
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(run, range(4)))
+    with torch.inference_mode(), fused.disabled():
+        logits = [plain(x) for x in inputs]
+    for (i, results) in enumerate(outcomes):
+        for (kind, value) in results:
+            if kind == "infer":
+                torch.testing.assert_close(value, logits[i], atol=1e-5, rtol=1e-5)
+            else:
+                torch.testing.assert_close(value[0], expected[i][0], atol=1e-5, rtol=1e-5)
+                for (name, g) in value[1].items():
+                    torch.testing.assert_close(g, expected[i][1][name], atol=1e-5, rtol=1e-5, msg=name)
