@@ -8,7 +8,7 @@ What changes is the work around the matrix multiplies:
   a copy of the skip path).
 - The backward reuses buffers in place: the gradient of a GELU output is written over that output
   once its weight gradient is taken, and the GELU backward runs in place on it.
-- The large hidden activations (tokens × D_S and tokens × D_C per image) live in a `Workspace`
+- The large hidden activations (D_S × dim and patches × D_C per image) live in a `Workspace`
   that hands the same buffers back step after step. On CPU, every fresh tensor of that size is a
   fresh memory map whose pages fault in on first touch; reusing them removes that cost. On CUDA the
   caching allocator already does this, and the workspace costs nothing.
@@ -76,11 +76,6 @@ class Workspace:
         with self.lock:
             for t in buffers:
                 self.free[(tuple(t.shape), t.dtype, t.device, t.is_inference())].append(t)
-
-    def clear(self) -> None:
-        """Drop every free buffer (e.g. after training, before a long inference run)."""
-        with self.lock:
-            self.free.clear()
 
 
 WORKSPACE = Workspace()
@@ -162,7 +157,7 @@ class _MixerBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, approximate, eps, *params):
         out, buffers, saved = _forward(x, approximate, eps, *params)
-        ctx.approximate, ctx.eps = approximate, eps
+        ctx.approximate = approximate
         ctx.lease = _Lease(*buffers)
         ctx.save_for_backward(x, *saved, *params)
         return out
@@ -176,7 +171,6 @@ class _MixerBlock(torch.autograd.Function):
         s, b, c = x.shape
         approximate, need = ctx.approximate, ctx.needs_input_grad
         dout = dout.contiguous()
-        mask = [True, need[9], need[10]]
         # channel mixing, from the output back
         dy = dout.view(s * b, c)
         dcw2 = torch.mm(dy.t(), g2) if need[13] else None
@@ -186,7 +180,8 @@ class _MixerBlock(torch.autograd.Function):
         dcw1 = torch.mm(dh2.t(), a2.view(s * b, c)) if need[11] else None
         dcb1 = dh2.sum(0) if need[12] else None
         da2 = torch.mm(dh2, cw1, out=a2.view(s * b, c)).view(s, b, c)  # a2 is spent too
-        dx1, dln2_w, dln2_b = aten.native_layer_norm_backward(da2, x1, [c], mean2, rstd2, ln2_w, ln2_b, mask)
+        dx1, dln2_w, dln2_b = aten.native_layer_norm_backward(da2, x1, [c], mean2, rstd2, ln2_w, ln2_b,
+                                                               [True, need[9], need[10]])
         dx1 += dout  # the skip path
         # token mixing
         du = dx1.view(s, b * c)
