@@ -3,6 +3,7 @@ modules, buffers reused step after step, and the plain path wherever fusion does
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -55,20 +56,21 @@ def _counting(backward, calls):
     return staticmethod(wrapped)
 
 
-def test_training_steps_equal_the_plain_path_and_reuse_buffers():
+def test_training_steps_equal_the_plain_path_and_reuse_buffers(monkeypatch):
+    calls = []
+    fused_block = fused.mixer_block
+    monkeypatch.setattr(fused, "mixer_block", lambda *args: calls.append(1) or fused_block(*args))
     ours, plain = _model(), _model()
     x, y = torch.randn(6, 3, 12, 12, dtype=torch.float64), torch.randint(5, (6,))
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, plain)]
     allocated = []
     for step in range(4):
-        for (model, opt, use_fused) in ((ours, opts[0], True), (plain, opts[1], False)):
-            fused.enabled = use_fused
-            try:
+        for (model, opt, path) in ((ours, opts[0], contextlib.nullcontext()), (plain, opts[1], fused.disabled())):
+            with path:
                 _loss_and_grads(model, x, y)
-            finally:
-                fused.enabled = True
             opt.step()
         allocated.append(fused.WORKSPACE.allocated)
+    assert len(calls) == 4 * 2  # ours ran fused: 4 steps, 2 blocks; the plain model never did
     assert allocated[1] == allocated[-1]  # after the first step every buffer comes from the workspace
     for (a, b) in zip(ours.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
