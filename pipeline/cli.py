@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from mixer.errors import MixerError
+from pipeline.allocator import keep_freed_memory
 from pipeline.params import PARAMS_FILE, Params, field_info, stage_keys
 
 app = typer.Typer(help="Train MLP-Mixer image classifiers as a reproducible DVC pipeline.",
@@ -201,6 +202,7 @@ def bench(config: Annotated[str, typer.Option(help="original, default, or both")
 
 
 def main() -> None:
+    keep_freed_memory()
     app()
 
 

@@ -1,0 +1,126 @@
+"""Training throughput of the real `mixer train` loop, arms interleaved in one run (A B C, C B A, ...).
+
+Each arm is a code tree (this checkout, or a git revision checked out into a scratch worktree),
+with or without glibc's keep-freed-memory setting (`pipeline/allocator.py`) and, for trees that
+still have it, the fused block on or off. Every arm trains the same prepared data with the same
+params; the figure is the median images/s of the epochs after the first (the first warms up).
+
+    python benchmarks/train_ab.py --arm new:.:plain:keep --arm old:HEAD~1:fused:default \
+        --config both --rounds 4 --epochs 3
+
+Printed, never asserted: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    # the committed params.yaml on the embedded digits
+    "default": dict(),
+    # the original train.py defaults on random 256x256 images of 3 classes
+    "original": dict(image_shape=[256, 256], patch_shape=[16, 16], depth=6, dim=512, num_classes=3,
+                     batch_size=16, optimizer="sgd", lr=1.0e-3, decay=0.0, warmup_step=1,
+                     crop_scale=[0.08, 1.0], crop_ratio=[0.75, 1.3333], hflip=0.5, eval_batch_size=64),
+}
+SETUP = """
+import sys
+sys.path.insert(0, {tree!r})
+if {keep}:
+    from pipeline.allocator import keep_freed_memory
+    keep_freed_memory()
+try:
+    import mixer.fused as fused
+    fused.enabled = {fused}
+except ImportError:
+    pass
+import pipeline.cli as cli
+if {keep} is False and hasattr(cli, "keep_freed_memory"):
+    cli.keep_freed_memory = lambda: False
+sys.argv = ["mixer", "train", "--no-progress", "--num-steps", {epochs!r}]
+cli.main()
+"""
+
+
+def make_project(scratch: Path, config: str) -> Path:
+    project = scratch / config
+    project.mkdir()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(CONFIGS[config])
+    if config == "original":
+        rng = np.random.default_rng(0)
+        for label in ("a", "b", "c"):
+            (project / "images" / label).mkdir(parents=True)
+            for i in range(40):
+                Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
+                    project / "images" / label / f"{i}.png")
+        params.update(data=str(project / "images"), val_fraction=0.1, test_fraction=0.1)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "prepare", "--workers", "2"], cwd=project, check=True,
+                   capture_output=True)
+    return project
+
+
+def checkout(rev: str, scratch: Path) -> Path:
+    if rev == ".":
+        return ROOT
+    tree = scratch / f"tree-{re.sub(r'[^A-Za-z0-9]', '_', rev)}"
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), rev], cwd=ROOT, check=True)
+    return tree
+
+
+def run_arm(project: Path, tree: Path, fused: str, keep: str, epochs: int) -> list[float]:
+    code = SETUP.format(tree=str(tree), keep=keep == "keep", fused=fused != "plain", epochs=str(epochs))
+    out = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"arm {tree} failed:\n{out.stdout}\n{out.stderr}")
+    rates = [float(m) for m in re.findall(r"\| (\d+) img/s", out.stdout)]
+    return rates[1:]  # the first epoch warms up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arm", action="append", required=True,
+                        help="label:REV:fused|plain:keep|default (REV '.' is this checkout)")
+    parser.add_argument("--config", choices=["default", "original", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    arms = [a.split(":") for a in args.arm]
+    scratch = Path(tempfile.mkdtemp(prefix="train_ab-"))
+    trees: dict[str, Path] = {}
+    try:
+        trees = {rev: checkout(rev, scratch) for (_, rev, _, _) in arms}
+        for config in (["default", "original"] if args.config == "both" else [args.config]):
+            project = make_project(scratch, config)
+            rates: dict[str, list[float]] = {label: [] for (label, *_) in arms}
+            for r in range(args.rounds):
+                for (label, rev, fused, keep) in (arms if r % 2 == 0 else arms[::-1]):
+                    rates[label] += run_arm(project, trees[rev], fused, keep, args.epochs)
+            first = statistics.median(rates[arms[0][0]])
+            print(f"\n{config}: median images/s over {args.rounds} rounds (epochs 2..{args.epochs} of each)")
+            for (label, rev, fused, keep) in arms:
+                median = statistics.median(rates[label])
+                print(f"  {label:12s} {rev:10s} {fused:6s} malloc {keep:8s} {median:8.1f}  "
+                      f"({min(rates[label]):.1f}-{max(rates[label]):.1f})  {median / first:.3f}x {arms[0][0]}")
+    finally:
+        for tree in {t for t in trees.values() if t != ROOT}:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
