@@ -87,7 +87,8 @@ def run_arm(project: Path, tree: Path, fused: str, keep: str, epochs: int) -> li
     out = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"arm {tree} failed:\n{out.stdout}\n{out.stderr}")
-    rates = [float(m) for m in re.findall(r"\| (\d+) img/s", out.stdout)]
+    tsv = project / "reports" / "train" / "plots" / "metrics" / "images_per_second.tsv"
+    rates = [float(line.split("\t")[-1]) for line in tsv.read_text().splitlines()[1:]]
     return rates[1:]  # the first epoch warms up
 
 
