@@ -54,8 +54,9 @@ cli.main()
 """
 
 
-def make_project(scratch: Path, config: str) -> Path:
-    project = scratch / config
+def make_project(scratch: Path, config: str, tree: Path) -> Path:
+    """A working directory with params for `config`, prepared by `tree`'s own code (formats may differ)."""
+    project = scratch / f"{config}-{tree.name}"
     project.mkdir()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params.update(CONFIGS[config])
@@ -68,8 +69,9 @@ def make_project(scratch: Path, config: str) -> Path:
                     project / "images" / label / f"{i}.png")
         params.update(data=str(project / "images"), val_fraction=0.1, test_fraction=0.1)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "prepare", "--workers", "2"], cwd=project, check=True,
-                   capture_output=True)
+    code = f"import sys; sys.path.insert(0, {str(tree)!r}); sys.argv = ['mixer', 'prepare']; " \
+           "import pipeline.cli; pipeline.cli.main()"
+    subprocess.run([sys.executable, "-c", code], cwd=project, check=True, capture_output=True)
     return project
 
 
@@ -106,11 +108,11 @@ def main() -> None:
     try:
         trees = {rev: checkout(rev, scratch) for (_, rev, _, _) in arms}
         for config in (["default", "original"] if args.config == "both" else [args.config]):
-            project = make_project(scratch, config)
+            projects = {rev: make_project(scratch, config, tree) for (rev, tree) in trees.items()}
             rates: dict[str, list[float]] = {label: [] for (label, *_) in arms}
             for r in range(args.rounds):
                 for (label, rev, fused, keep) in (arms if r % 2 == 0 else arms[::-1]):
-                    rates[label] += run_arm(project, trees[rev], fused, keep, args.epochs)
+                    rates[label] += run_arm(projects[rev], trees[rev], fused, keep, args.epochs)
             first = statistics.median(rates[arms[0][0]])
             print(f"\n{config}: median images/s over {args.rounds} rounds (epochs 2..{args.epochs} of each)")
             for (label, rev, fused, keep) in arms:
