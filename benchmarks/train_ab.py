@@ -110,15 +110,21 @@ def main() -> None:
         for config in (["default", "original"] if args.config == "both" else [args.config]):
             projects = {rev: make_project(scratch, config, tree) for (rev, tree) in trees.items()}
             rates: dict[str, list[float]] = {label: [] for (label, *_) in arms}
+            ratios: dict[str, list[float]] = {label: [] for (label, *_) in arms}  # per round, vs the first arm
             for r in range(args.rounds):
+                this_round = {}
                 for (label, rev, fused, keep) in (arms if r % 2 == 0 else arms[::-1]):
-                    rates[label] += run_arm(projects[rev], trees[rev], fused, keep, args.epochs)
-            first = statistics.median(rates[arms[0][0]])
-            print(f"\n{config}: median images/s over {args.rounds} rounds (epochs 2..{args.epochs} of each)")
+                    this_round[label] = run_arm(projects[rev], trees[rev], fused, keep, args.epochs)
+                    rates[label] += this_round[label]
+                for label in ratios:
+                    ratios[label].append(statistics.median(this_round[label]) / statistics.median(this_round[arms[0][0]]))
+            print(f"\n{config}: images/s, epochs 2..{args.epochs} of {args.rounds} runs per arm; ratio to "
+                  f"{arms[0][0]}: median of per-round ratios (quartiles)")
             for (label, rev, fused, keep) in arms:
-                median = statistics.median(rates[label])
-                print(f"  {label:12s} {rev:10s} {fused:6s} malloc {keep:8s} {median:8.1f}  "
-                      f"({min(rates[label]):.1f}-{max(rates[label]):.1f})  {median / first:.3f}x {arms[0][0]}")
+                q = statistics.quantiles(ratios[label], n=4) if len(ratios[label]) > 1 else [ratios[label][0]] * 3
+                print(f"  {label:12s} {rev:10s} {fused:6s} malloc {keep:8s} median {statistics.median(rates[label]):8.2f} "
+                      f"({min(rates[label]):.2f}-{max(rates[label]):.2f})  ratio {statistics.median(ratios[label]):.3f} "
+                      f"({q[0]:.3f}-{q[2]:.3f})")
     finally:
         for tree in {t for t in trees.values() if t != ROOT}:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
