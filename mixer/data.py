@@ -9,23 +9,28 @@ seeded, so the same file lands in the same split on every run and machine.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mixer.errors import MixerError
+from mixer.preprocess import to_float
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 SPLITS = ("train", "val", "test")
+IMAGES, MANIFEST, INFO = "images.npy", "manifest.csv", "prepared.json"  # the files of a prepared cache
 
 
 @dataclass
@@ -35,7 +40,9 @@ class Source:
     root: Path
     items: list[tuple[str, str]]
     classes: list[str]
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)          # files not decoded, with the reason
+    label_conflicts: list[dict] = field(default_factory=list)  # CSV paths given two or more labels
+    duplicate_rows: int = 0                                     # CSV rows that repeat an earlier one
 
 
 # ---- sources ---------------------------------------------------------------------------------
@@ -58,29 +65,118 @@ def is_image_file(rel: Path) -> bool:
     return rel.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts)
 
 
+def printable(path: str | Path) -> str:
+    """A path as text that any file, terminal or JSON takes: undecodable bytes as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.fsdecode kept undecodable bytes as surrogates
+        return False
+
+
 def scan_folder(root: Path) -> Source:
-    """One class per top-level sub-folder; images in nested folders belong to that class."""
+    """One class per top-level sub-folder; images in nested folders belong to that class.
+
+    Links are followed, but a folder reached twice (a link loop such as `dog/up -> ..`, or a second
+    name for a folder already scanned) is skipped, so no image is relabelled or counted twice. Only
+    regular files become items: FIFOs, sockets and devices (which would block or never end) are
+    skipped, as are broken links and names that are not UTF-8; each skip is reported with its reason.
+    """
     root = Path(root)
     if not root.exists():
         raise MixerError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise MixerError(f"data {root} is neither a folder nor a CSV file")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _stat_is_dir(e.path))
+    for name in classes:
+        if not _is_utf8(name):
+            raise MixerError(f"class folder {printable(root / name)} has a name that is not UTF-8; rename it")
     if not classes:
         raise MixerError(f"data folder {root} has no class sub-folders")
-    items = []
+    items: list[tuple[str, str]] = []
+    skipped: list[dict] = []
+    seen = {_identity(root)}
     for name in classes:
-        for (dirpath, dirnames, filenames) in os.walk(root / name, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for filename in filenames:
-                rel = (Path(dirpath) / filename).relative_to(root)
-                if is_image_file(rel):
-                    items.append((rel.as_posix(), name))
-    return Source(root, sorted(items), classes)
+        _walk(root, root / name, name, seen, items, skipped)
+    return Source(root, sorted(items), classes, skipped)
+
+
+def find_images(folder: Path) -> tuple[list[Path], list[dict]]:
+    """The image files under `folder`, recursively and sorted, and what was skipped (see `scan_folder`)."""
+    items: list[tuple[str, str]] = []
+    skipped: list[dict] = []
+    _walk(Path(folder), Path(folder), "", set(), items, skipped)
+    return [Path(folder) / rel for (rel, _) in sorted(items)], skipped
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+def _stat_is_dir(path) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _walk(root: Path, folder: Path, label: str, seen: set, items: list, skipped: list) -> None:
+    identity = _identity(folder)
+    rel = folder.relative_to(root).as_posix()
+    if identity in seen:
+        skipped.append({"path": printable(rel), "reason": "link to a folder already scanned (a loop or a "
+                                                          "second name); not followed"})
+        return
+    seen.add(identity)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        skipped.append({"path": printable(rel), "reason": f"cannot list folder ({exc.strerror})"})
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = folder / entry.name
+        rel = path.relative_to(root)
+        try:
+            mode = os.stat(path).st_mode  # follows links; never opens, so never blocks
+        except OSError as exc:
+            if is_image_file(rel):
+                reason = "link loop" if exc.errno == errno.ELOOP else "broken link" if entry.is_symlink() \
+                    else f"cannot stat ({exc.strerror})"
+                skipped.append({"path": printable(rel), "reason": reason})
+            continue
+        if stat.S_ISDIR(mode):
+            _walk(root, path, label, seen, items, skipped)
+        elif not is_image_file(rel):
+            continue
+        elif not _is_utf8(entry.name):
+            skipped.append({"path": printable(rel), "reason": "file name is not UTF-8"})
+        elif not stat.S_ISREG(mode):
+            skipped.append({"path": printable(rel), "reason": f"not a regular file ({_kind(mode)})"})
+        else:
+            items.append((rel.as_posix(), label))
+
+
+def _kind(mode: int) -> str:
+    for (test, name) in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                         (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def read_csv(csv: Path) -> Source:
-    """`path,label` (paths relative to the CSV) or Kaggle's `id,breed` with `<id>.jpg` beside it."""
+    """`path,label` (paths relative to the CSV) or Kaggle's `id,breed` with `<id>.jpg` beside it.
+
+    A row repeated word for word counts once; a path listed with two labels keeps its first label,
+    and both are reported (`label_conflicts`; an error under `strict`).
+    """
     csv = Path(csv)
     try:
         table = pd.read_csv(csv, dtype=str, keep_default_na=False)
@@ -88,28 +184,50 @@ def read_csv(csv: Path) -> Source:
         raise MixerError(f"{csv} is not a readable CSV ({str(exc).splitlines()[0]})") from None
     root = csv.parent
     if {"path", "label"} <= set(table.columns):
-        paths, labels = table["path"], table["label"]
+        paths, labels = list(table["path"]), list(table["label"])
     elif {"id", "breed"} <= set(table.columns):
         folder = next((d for d in (root / "train", root / "images", root) if d.is_dir()), root)
         prefix = folder.relative_to(root).as_posix()
         paths = [f"{prefix}/{i}.jpg" if prefix != "." else f"{i}.jpg" for i in table["id"]]
-        labels = table["breed"]
+        labels = list(table["breed"])
     else:
         raise MixerError(f"{csv} needs columns path,label or id,breed; it has {','.join(table.columns)}")
-    items, missing = [], []
+    label_of: dict[str, str] = {}
+    conflicts: dict[str, list[str]] = {}
+    pairs: set[tuple[str, str]] = set()
+    missing, special, duplicate_rows = [], [], 0
     resolved_root = root.resolve()
-    for (path, label) in zip(paths, labels):
+    for (line, (path, label)) in enumerate(zip(paths, labels), start=2):
+        if not label:
+            raise MixerError(f"{csv}, line {line}: {path!r} has an empty label")
+        key = Path(path).as_posix()
+        if (key, label) in pairs:
+            duplicate_rows += 1
+            continue
+        pairs.add((key, label))
+        if key in label_of:
+            conflicts.setdefault(key, [label_of[key]]).append(label)
+            continue
         full = (root / path).resolve()
         if not full.is_relative_to(resolved_root):
-            raise MixerError(f"{csv}: path {path!r} escapes the data folder {root}")
-        if not label:
-            raise MixerError(f"{csv}: {path!r} has an empty label")
-        if not full.is_file():
+            raise MixerError(f"{csv}, line {line}: path {path!r} escapes the data folder {root}")
+        try:
+            mode = os.stat(full).st_mode
+        except OSError:
             missing.append(path)
-        items.append((Path(path).as_posix(), label))
+            continue
+        if not stat.S_ISREG(mode):
+            special.append(f"{path!r} ({_kind(mode) if not stat.S_ISDIR(mode) else 'folder'})")
+            continue
+        label_of[key] = label
     if missing:
         raise MixerError(f"{csv}: {len(missing)} labelled image(s) do not exist, e.g. {missing[0]!r}")
-    return Source(root, sorted(items), sorted(set(labels)))
+    if special:
+        raise MixerError(f"{csv}: {len(special)} labelled path(s) are not regular files, e.g. {special[0]}")
+    items = sorted(label_of.items())
+    report = [{"path": k, "labels": v, "kept": v[0]} for (k, v) in sorted(conflicts.items())]
+    return Source(root, items, sorted(set(label_of.values())), label_conflicts=report,
+                  duplicate_rows=duplicate_rows)
 
 
 def open_source(data: str, scratch: Path) -> Source:
@@ -156,20 +274,49 @@ def resize(image: Image.Image, shape: tuple[int, int], policy: str) -> Image.Ima
 
 
 def decode(path: Path, shape: tuple[int, int], policy: str = "stretch") -> tuple[np.ndarray, str]:
-    """One file → (uint8 array H×W×3, hash of the full decoded pixels); raises ValueError if unusable."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as image:
-                image = to_rgb(ImageOps.exif_transpose(image))  # orientation before resizing
-                digest = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
-                return np.asarray(resize(image, shape, policy), dtype=np.uint8), digest
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ValueError(f"decompression bomb: {exc}") from None
-        except UnidentifiedImageError:
-            raise ValueError("not an image") from None
-        except (OSError, SyntaxError, EOFError) as exc:
-            raise ValueError(f"cannot decode ({exc})") from None
+    """One file → (uint8 array H×W×3, hash of the decoded pixels); raises ValueError if unusable.
+
+    Only a regular file is read (it is opened without blocking, so a FIFO cannot hang us). Memory is
+    bounded by the pixel limit (`Image.MAX_IMAGE_PIXELS`, about 89 M pixels; more is refused as a
+    decompression bomb): a JPEG much larger than `shape` is decoded at a reduced scale, any other
+    image is shrunk by whole factors before its colours are converted.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ValueError(f"cannot open ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"not a regular file ({_kind(mode) if not stat.S_ISDIR(mode) else 'folder'})")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(file) as image:
+                    image = to_rgb(ImageOps.exif_transpose(shrink(image, shape)))  # orientation before resizing
+                    digest = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+                    return np.asarray(resize(image, shape, policy), dtype=np.uint8), digest
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise ValueError(f"decompression bomb: {exc}") from None
+            except UnidentifiedImageError:
+                raise ValueError("not an image") from None
+            except (OSError, SyntaxError, EOFError) as exc:
+                raise ValueError(f"cannot decode ({exc})") from None
+
+
+def shrink(image: Image.Image, shape: tuple[int, int]) -> Image.Image:
+    """Reduce an image much larger than `shape` by a whole factor, keeping at least 2× the target.
+
+    The factor is the same for both axes and leaves the shorter side at least twice the longer
+    target side, so neither resize policy nor a later EXIF rotation ever upsamples.
+    """
+    keep = 2 * max(shape)
+    if image.format == "JPEG":
+        image.draft(image.mode, (keep, keep))  # DCT-domain scaling while decoding
+    factor = min(image.size) // keep
+    if factor < 2:
+        return image
+    return image.resize((image.width // factor, image.height // factor), Image.Resampling.BOX)
 
 
 def _decode_job(args):
@@ -219,12 +366,19 @@ class PrepareConfig:
 
 def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int = 1,
             progress=None) -> dict:
-    """Decode `source` into `out_dir` (images.npy, manifest.csv) and return the data report."""
+    """Decode `source` into `out_dir` (images.npy, manifest.csv, prepared.json); returns the data report."""
     if len(source.classes) < 2:
         raise MixerError(f"data {source.root} has {len(source.classes)} class; at least 2 are needed")
     if config.num_classes is not None and config.num_classes != len(source.classes):
         raise MixerError(f"num_classes is {config.num_classes} but data {source.root} has "
                          f"{len(source.classes)} classes")
+    if config.strict and source.label_conflicts:
+        c = source.label_conflicts[0]
+        raise MixerError(f"{source.root}: {c['path']!r} is labelled {' and '.join(map(repr, c['labels']))} "
+                         f"(strict: true; {len(source.label_conflicts)} such path(s))")
+    if config.strict and source.skipped:
+        s = source.skipped[0]
+        raise MixerError(f"{printable(source.root / s['path'])}: {s['reason']} (strict: true)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     height, width = config.image_shape
@@ -233,14 +387,13 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
         raise MixerError(f"data {source.root} has no images")
     # The .npy header first, then each image written at its row's offset: pages go to the file,
     # not to this process, so memory stays flat however large the data set.
-    header = np.lib.format.open_memmap(out_dir / "images.npy", mode="w+", dtype=np.uint8,
-                                       shape=(n, height, width, 3))
+    header = np.lib.format.open_memmap(out_dir / IMAGES, mode="w+", dtype=np.uint8, shape=(n, height, width, 3))
     offset, row_bytes = header.offset, height * width * 3
     del header
     digests: list[str | None] = [None] * n
     skipped = list(source.skipped)
     jobs = [(i, source.root / rel, config.image_shape, config.resize) for (i, (rel, _)) in enumerate(source.items)]
-    with open(out_dir / "images.npy", "r+b") as cache:
+    with open(out_dir / IMAGES, "r+b") as cache:
         for (index, array, digest, error) in _run_jobs(jobs, workers):
             if error is None:
                 cache.seek(offset + index * row_bytes)
@@ -271,19 +424,32 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     if config.drop_duplicates and duplicates:
         dropped = {d["path"] for d in duplicates}
         table = table[~table["path"].isin(dropped)].reset_index(drop=True)
-    table.to_csv(out_dir / "manifest.csv", index=False)
+    table.to_csv(out_dir / MANIFEST, index=False)
     counts = {s: {c: int(((table["split"] == s) & (table["label_name"] == c)).sum()) for c in source.classes}
               for s in SPLITS}
-    report = {
+    info = {"classes": source.classes, "image_shape": list(config.image_shape), "resize": config.resize,
+            "rows": n, "data_hash": _data_hash(out_dir / MANIFEST, config.image_shape, config.resize)}
+    (out_dir / INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    return {
         "classes": source.classes,
         "counts": counts,
         "skipped": sorted(skipped, key=lambda d: d["path"]),
         "duplicates": duplicates,
         "duplicates_dropped": bool(config.drop_duplicates),
+        "label_conflicts": source.label_conflicts,
+        "duplicate_rows": source.duplicate_rows,
         "image_shape": list(config.image_shape),
+        "resize": config.resize,
+        "data_hash": info["data_hash"],
     }
-    (out_dir / "classes.json").write_text(json.dumps(source.classes, ensure_ascii=False) + "\n")
-    return report
+
+
+def _data_hash(manifest: Path, image_shape: tuple[int, int], resize: str) -> str:
+    """What the cache holds, in one hash: every kept file's decoded content, label and split, and the
+    shape and policy that made its rows (the rows themselves follow from these)."""
+    digest = hashlib.sha256(manifest.read_bytes())
+    digest.update(json.dumps([list(image_shape), resize]).encode())
+    return digest.hexdigest()
 
 
 def _run_jobs(jobs: list, workers: int):
@@ -331,23 +497,69 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, rows: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows as float images in [0, 1], (batch, 3, H, W) on `device`, and their labels."""
+        images = torch.from_numpy(np.ascontiguousarray(self.images[rows])).to(device, non_blocking=True)
+        return to_float(images), torch.from_numpy(self.labels[rows]).to(device)
+
+
+@dataclass
+class Prepared:
+    """A prepared cache, opened and checked: the record prepare wrote, its manifest and its images."""
+
+    directory: Path
+    classes: list[str]
+    image_shape: tuple[int, int]
+    resize: str
+    data_hash: str
+    table: pd.DataFrame
+    images: np.ndarray  # memory-mapped, (rows, H, W, 3) uint8
+
+    def split(self, name: str) -> Split:
+        """One split, read without decoding anything."""
+        rows = self.table[self.table["split"] == name]
+        if rows.empty:
+            raise MixerError(f"prepared data in {self.directory} has no {name!r} images")
+        index = rows["row"].to_numpy()
+        # A contiguous copy for small data; a memory map view stays lazy for large data.
+        subset = self.images[index] if self.images.nbytes < 2**30 else _LazyRows(self.images, index)
+        return Split(subset, rows["label"].to_numpy(dtype=np.int64).copy(), list(rows["path"]), self.classes)
+
+
+def open_prepared(cache: Path) -> Prepared:
+    """Open a cache written by `prepare`, checking that its three files belong together."""
+    cache = Path(cache)
+
+    def damaged(why: str) -> MixerError:
+        return MixerError(f"prepared data in {cache} is damaged ({why}); run `mixer prepare` again")
+
+    for name in (INFO, MANIFEST, IMAGES):
+        if not (cache / name).is_file():
+            raise MixerError(f"prepared data is missing ({cache / name}); run `mixer prepare` first")
+    try:
+        info = json.loads((cache / INFO).read_text(encoding="utf-8"))
+        classes, shape = list(info["classes"]), tuple(info["image_shape"])
+        resize, data_hash = str(info["resize"]), str(info["data_hash"])
+        table = pd.read_csv(cache / MANIFEST, keep_default_na=False,
+                            dtype={"row": np.int64, "label": np.int64, "split": str, "path": str})
+        images = np.load(cache / IMAGES, mmap_mode="r")
+        if images.dtype != np.uint8 or images.shape != (info["rows"], *shape, 3):
+            raise damaged(f"{IMAGES} holds {images.dtype} {list(images.shape)}; {INFO} says "
+                          f"{info['rows']} RGB images of {list(shape)}")
+        if _data_hash(cache / MANIFEST, shape, resize) != data_hash:
+            raise damaged(f"{MANIFEST} is not the one {INFO} describes")
+        if not set(table["split"]) <= set(SPLITS) or len(table) and (
+                table["row"].min() < 0 or table["row"].max() >= len(images)
+                or table["label"].min() < 0 or table["label"].max() >= len(classes)):
+            raise damaged(f"{MANIFEST} does not match {IMAGES} and {INFO}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, pd.errors.ParserError, OSError) as exc:
+        raise damaged(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return Prepared(cache, classes, shape, resize, data_hash, table, images)
+
 
 def load_split(cache: Path, split: str) -> Split:
     """Read one split of a prepared cache without decoding anything."""
-    cache = Path(cache)
-    try:
-        table = pd.read_csv(cache / "manifest.csv", keep_default_na=False)
-        classes = json.loads((cache / "classes.json").read_text())
-        images = np.load(cache / "images.npy", mmap_mode="r")
-    except FileNotFoundError as exc:
-        raise MixerError(f"prepared data is missing ({exc.filename}); run `mixer prepare` first") from None
-    rows = table[table["split"] == split]
-    if rows.empty:
-        raise MixerError(f"prepared data in {cache} has no {split!r} images")
-    index = rows["row"].to_numpy()
-    # A contiguous copy for small data; a memory map view stays lazy for large data.
-    subset = images[index] if images.nbytes < 2**30 else _LazyRows(images, index)
-    return Split(subset, rows["label"].to_numpy(dtype=np.int64).copy(), list(rows["path"]), classes)
+    return open_prepared(cache).split(split)
 
 
 class _LazyRows:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import make_image_folder
-from mixer.data import (PrepareConfig, decode, export_digits, load_split, open_source, prepare, read_csv,
-                        scan_folder, split_by_class)
+from conftest import ROOT, make_image_folder
+from mixer.data import (PrepareConfig, decode, export_digits, load_split, open_prepared, open_source, prepare,
+                        read_csv, scan_folder, shrink, split_by_class)
 from mixer.errors import MixerError
 
 
@@ -122,7 +127,8 @@ def test_messy_folder_keeps_counts_and_reports_skips(tmp_path):
 
 def test_strict_makes_a_bad_file_an_error(tmp_path):
     root = messy_folder(tmp_path / "data")
-    with pytest.raises(MixerError, match="dog/corrupt.png: cannot decode|strict: true"):
+    # files are decoded in sorted order: cat/truncated.jpg is the first bad one
+    with pytest.raises(MixerError, match=r"/data/cat/truncated\.jpg: cannot decode \(.*\) \(strict: true\)$"):
         prepare(scan_folder(root), tmp_path / "cache", config(strict=True))
 
 
@@ -173,7 +179,9 @@ def test_cache_reads_back_without_decoding(tmp_path):
     expected = np.asarray(Image.open(root / first["path"]).convert("RGB").resize((8, 8), Image.Resampling.BICUBIC))
     assert np.array_equal(train.images[0], expected)
     assert np.load(tmp_path / "cache" / "images.npy", mmap_mode="r").dtype == np.uint8
-    assert json.loads((tmp_path / "cache" / "classes.json").read_text()) == ["a", "b"]
+    info = json.loads((tmp_path / "cache" / "prepared.json").read_text())
+    assert info["classes"] == ["a", "b"] and info["image_shape"] == [8, 8] and info["resize"] == "stretch"
+    assert open_prepared(tmp_path / "cache").data_hash == info["data_hash"]
 
 
 def test_csv_sources(tmp_path):
@@ -238,3 +246,125 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     report = prepare(scan_folder(root), tmp_path / "cache", config())
     assert [d["path"] for d in report["skipped"]] == ["a/huge.png"]
     assert "decompression bomb" in report["skipped"][0]["reason"]
+
+
+# ---- what a careless user or an attacker puts in a data folder ----------------------------------
+
+def test_a_link_loop_neither_relabels_nor_duplicates(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"cat": 6, "dog": 6})
+    (root / "dog" / "loop").symlink_to("..")           # dog/loop/cat/... would relabel cats as dogs
+    (root / "dog" / "self").symlink_to(".")            # and dog/self/self/... never ends
+    source = scan_folder(root)
+    assert len(source.items) == 12 and dict(source.items)["cat/img000.png"] == "cat"
+    assert {s["path"] for s in source.skipped} == {"dog/loop", "dog/self"}
+    assert all("already scanned" in s["reason"] for s in source.skipped)
+    report = prepare(source, tmp_path / "cache", config(test_fraction=0.2, val_fraction=0.2))
+    assert {s: sum(c.values()) for (s, c) in report["counts"].items()} == {"train": 8, "val": 2, "test": 2}
+
+
+@pytest.mark.timeout(30)
+def test_special_files_are_skipped_never_opened(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"cat": 4, "dog": 4})
+    os.mkfifo(root / "cat" / "pipe.png")               # opening it would block forever
+    (root / "dog" / "zeros.png").symlink_to("/dev/zero")  # reading it would never end
+    (root / "dog" / "gone.png").symlink_to(root / "nowhere.png")
+    (root / "dog" / "knot.png").symlink_to("knot.png")
+    source = scan_folder(root)
+    reasons = {s["path"]: s["reason"] for s in source.skipped}
+    assert reasons == {"cat/pipe.png": "not a regular file (FIFO)",
+                       "dog/zeros.png": "not a regular file (character device)",
+                       "dog/gone.png": "broken link", "dog/knot.png": "link loop"}
+    assert len(source.items) == 8
+    report = prepare(source, tmp_path / "cache", config(test_fraction=0.25))
+    assert len(report["skipped"]) == 4
+    for path in (root / "cat" / "pipe.png", Path("/dev/zero")):
+        with pytest.raises(ValueError, match="not a regular file"):
+            decode(path, (8, 8))
+    with pytest.raises(MixerError, match="cat/pipe.png: not a regular file \\(FIFO\\) \\(strict: true\\)"):
+        prepare(source, tmp_path / "strict", config(strict=True, test_fraction=0.25))
+
+
+def test_names_that_are_not_utf8(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"cat": 4, "dog": 4})
+    Image.new("RGB", (8, 8)).save(os.fsencode(root / "cat") + b"/caf\xe9.png")  # Latin-1 bytes
+    source = scan_folder(root)
+    assert source.skipped == [{"path": "cat/caf\\xe9.png", "reason": "file name is not UTF-8"}]
+    report = prepare(source, tmp_path / "cache", config(test_fraction=0.25))
+    json.dumps(report).encode("utf-8")  # every name in the report is text
+    (root / "cat").rename(os.fsdecode(os.fsencode(root) + b"/ch\xe2t"))
+    with pytest.raises(MixerError, match=r"class folder .*/ch\\xe2t has a name that is not UTF-8; rename it"):
+        scan_folder(root)
+
+
+def test_csv_repeated_rows_count_once_and_conflicting_labels_are_reported(tmp_path):
+    root = make_image_folder(tmp_path / "flat", {"x": 4, "y": 4})
+    rows = [(f"{c}/img{i:03d}.png", c) for c in "xy" for i in range(4)]
+    rows += [rows[0], rows[0], ("y/img001.png", "x"), ("y/img001.png", "y")]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(root / "labels.csv", index=False)
+    source = read_csv(root / "labels.csv")
+    assert len(source.items) == 8 and source.duplicate_rows == 3  # rows[0] twice more, (y/img001, y) once more
+    assert source.label_conflicts == [{"path": "y/img001.png", "labels": ["y", "x"], "kept": "y"}]
+    report = prepare(source, tmp_path / "cache", config(test_fraction=0.25))
+    assert sum(sum(c.values()) for c in report["counts"].values()) == 8  # the repeated image is kept once
+    assert report["label_conflicts"] == source.label_conflicts and report["duplicate_rows"] == 3
+    with pytest.raises(MixerError, match="'y/img001.png' is labelled 'y' and 'x' \\(strict: true"):
+        prepare(source, tmp_path / "strict", config(strict=True, test_fraction=0.25))
+    os.mkfifo(root / "x" / "pipe.png")
+    (root / "labels.csv").write_text("path,label\nx/pipe.png,x\n")
+    with pytest.raises(MixerError, match="are not regular files, e.g. 'x/pipe.png' \\(FIFO\\)"):
+        read_csv(root / "labels.csv")
+
+
+MEASURE = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from mixer.data import decode
+array, _ = decode({path!r}, (16, 16))
+assert array.shape == (16, 16, 3)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_huge_sixteen_bit_png_decodes_in_bounded_memory(tmp_path):
+    """9400 x 9400 16-bit pixels (a 172 KB file): 177 MB to hold, 2.5 GB with a float64 conversion."""
+    Image.fromarray(np.zeros((9400, 9400), dtype=np.uint16)).save(tmp_path / "big.png")
+    assert (tmp_path / "big.png").stat().st_size < 1_000_000
+    out = subprocess.run([sys.executable, "-c", MEASURE.format(root=str(ROOT), path=str(tmp_path / "big.png"))],
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout) < 700  # MiB: the decoded file plus one whole-factor reduction of it
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    Image.new("RGB", (4000, 3000), (10, 200, 30)).save(tmp_path / "photo.jpg")
+    with Image.open(tmp_path / "photo.jpg") as image:
+        assert shrink(image, (64, 64)).size[0] <= 1000  # decoded at 1/4 or less: never 4000 wide in memory
+    array, _ = decode(tmp_path / "photo.jpg", (64, 64))
+    assert abs(int(array[..., 1].mean()) - 200) < 3
+
+
+def _write_cache(tmp_path, name="cache", seed=0):
+    root = make_image_folder(tmp_path / f"data-{name}", {"a": 5, "b": 5}, size=(8, 8), seed=seed)
+    prepare(scan_folder(root), tmp_path / name, config())
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("damage", ["manifest_of_another_run", "truncated_images", "bad_info", "missing_info"])
+def test_a_damaged_or_mixed_cache_is_refused(tmp_path, damage):
+    cache = _write_cache(tmp_path)
+    if damage == "manifest_of_another_run":  # what two prepares sharing a staging folder used to leave
+        other = _write_cache(tmp_path, "other", seed=1)
+        (cache / "manifest.csv").write_bytes((other / "manifest.csv").read_bytes())
+        message = "manifest.csv is not the one prepared.json describes"
+    elif damage == "truncated_images":
+        with open(cache / "images.npy", "r+b") as f:
+            f.truncate(200)
+        message = "is damaged"
+    elif damage == "bad_info":
+        (cache / "prepared.json").write_text("{")
+        message = "is damaged (JSONDecodeError"
+    else:
+        (cache / "prepared.json").unlink()
+        message = "prepared data is missing"
+    with pytest.raises(MixerError, match=re.escape(message)):
+        open_prepared(cache)
