@@ -1,14 +1,14 @@
 """Throughput, FLOP/s, MFU and data wait of the Mixer, against a plain reference of the same math.
 
 The reference is how most public implementations write MLP-Mixer: token mixing as transpose →
-`nn.Linear` → transpose. Ours and the reference are timed interleaved (A B, B A, …) in one run and
-compared by medians, so a busy machine slows both alike. A third model, ours on its plain path
-(`Unfused`), shows what the fused block (`mixer.fused`) adds on top of the token-major layout.
+`nn.Linear` → transpose. It is a second implementation of the block on purpose (with
+`mixer.model` and the tests' plain-tensor equations, one of three), so the comparison has
+something to compare. Ours and the reference are timed interleaved (A B, B A, …) in one run and
+compared by medians, so a busy machine slows both alike.
 """
 
 from __future__ import annotations
 
-import copy
 import resource
 import statistics
 import time
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixer import fused
 from mixer.model import MixerConfig, MlpMixer
+from mixer.preprocess import Preprocessing
 
 
 # ---- the plain reference ---------------------------------------------------------------------
@@ -64,18 +64,6 @@ class ReferenceMixer(nn.Module):
             sd[k] = v
         self.load_state_dict(sd)
         return self
-
-
-class Unfused(nn.Module):
-    """Our model on its plain path (token-major modules, no fused block): what the fusion adds."""
-
-    def __init__(self, model: MlpMixer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        with fused.disabled():
-            return self.model(x)
 
 
 # ---- counting ----------------------------------------------------------------------------------
@@ -168,15 +156,14 @@ def interleaved(models: dict[str, nn.Module], c: MixerConfig, batch: int, steps:
 
 def data_wait_share(model: nn.Module, split, batch: int, steps: int, device: torch.device) -> float:
     """Share of a training step spent fetching the batch from the cache (the real data path)."""
-    from mixer.engine import standardize, to_device
-
+    standardize = Preprocessing().standardize
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     perm = torch.randperm(len(split)).numpy()
     wait = compute = 0.0
     for step in range(steps + 2):
         rows = perm[(step * batch) % max(len(split) - batch, 1):][:batch]
         start = time.perf_counter()
-        x, y = to_device(split, rows, device)
+        x, y = split.batch(rows, device)
         _sync(device)
         fetched = time.perf_counter()
         _train_step(model, optimizer, standardize(x), y, None)
@@ -203,7 +190,7 @@ def benchmark(c: MixerConfig, batch: int, steps: int, device: torch.device, peak
     with torch.inference_mode():
         probe = torch.randn(2, c.in_chans, *c.image_shape, device=device)
         same = (ours(probe) - reference(probe)).abs().max().item()
-    models = {"ours": ours, "reference": reference, "ours_unfused": Unfused(copy.deepcopy(ours))}
+    models = {"ours": ours, "reference": reference}
     compile_s = None
     if compile:
         start = time.perf_counter()

@@ -7,6 +7,7 @@ vit_jax `.npz`) into one, inferring the architecture from the tensor shapes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,75 +21,105 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mixer.errors import MixerError
-from mixer.model import MixerConfig, MlpMixer
+from mixer.model import MixerConfig, MlpMixer, check_class_names
+from mixer.preprocess import Preprocessing
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "mlp-mixer"
-DEFAULT_MEAN = (0.5, 0.5, 0.5)  # the normalisation of the paper's and timm's Mixer weights
-DEFAULT_STD = (0.5, 0.5, 0.5)
+VERSION = 2  # 1: normalization/resize/image_shape at the top level; 2: one preprocessing record
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename over `path`: a crash never leaves a half-written file."""
+    """Call `write(tmp_path)`, then rename over `path`: a crash never leaves a half-written file.
+
+    A write the system refuses (disk full, file too large, read-only, no permission) is a user error
+    naming the path; the file that was there is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise MixerError(f"cannot write {path}: {exc.strerror}") from None
     os.close(fd)
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is None:  # not the system refusing a write: a bug
+            raise
+        raise MixerError(f"cannot write {path}: {exc.strerror}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def save_model(model: MlpMixer, directory: Path, class_names: list[str] | None = None,
-               mean: tuple = DEFAULT_MEAN, std: tuple = DEFAULT_STD, resize: str = "stretch") -> None:
-    """Write `model.safetensors` and `config.json` (architecture, classes, normalisation) atomically."""
+def save_model(model: MlpMixer, directory: Path, source: dict | None = None) -> None:
+    """Write `model.safetensors` and `config.json` (architecture, classes, preprocessing) atomically."""
     directory = Path(directory)
-    cfg = model.config
-    names = list(class_names) if class_names is not None else [str(i) for i in range(cfg.num_classes)]
-    if len(names) != cfg.num_classes:
-        raise MixerError(f"{len(names)} class names for a model with {cfg.num_classes} classes")
     tensors = {k: v.detach().to("cpu").contiguous() for (k, v) in model.state_dict().items()}
     meta = {
         "format": FORMAT,
-        "architecture": cfg.to_dict(),
-        "class_names": names,
-        "normalization": {"mean": list(mean), "std": list(std)},
-        "image_shape": list(cfg.image_shape),
-        "resize": resize,
+        "version": VERSION,
+        "architecture": model.config.to_dict(),
+        "class_names": model.class_names,
+        "preprocessing": model.preprocessing.to_dict(),
     }
+    if source is not None:
+        meta["source"] = source
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
+                                                                 encoding="utf-8"))
 
 
 def read_config(directory: Path) -> dict:
     """The parsed `config.json` of a model directory, checked for the keys this project needs."""
-    path = Path(directory) / CONFIG
-    if not Path(directory).is_dir():
-        raise MixerError(f"model directory {directory} does not exist")
+    directory = Path(directory)
+    path = directory / CONFIG
+    if not directory.is_dir():
+        raise MixerError(f"model directory {directory} does not exist" if not directory.exists()
+                         else f"model directory {directory} is not a folder")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise MixerError(f"{path} is missing: not a model directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MixerError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "architecture" not in meta:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise MixerError(f"{path} is not valid JSON ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise MixerError(f"cannot read {path}: {exc.strerror}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("architecture"), dict):
         raise MixerError(f"{path} is not an MLP-Mixer config (no format: {FORMAT!r} and architecture)")
+    if meta.get("version", 1) == 1:  # written before the preprocessing record existed
+        normalization = meta.get("normalization", {"mean": [0.5] * 3, "std": [0.5] * 3})
+        meta["preprocessing"] = {"resize": meta.get("resize", "stretch"), **normalization}
     return meta
+
+
+def describe(directory: Path) -> tuple[MixerConfig, list[str], Preprocessing, dict]:
+    """Architecture, class names, preprocessing and the whole config of a model directory, checked."""
+    meta = read_config(directory)
+    path = Path(directory) / CONFIG
+    try:
+        config = MixerConfig.from_dict(meta["architecture"])
+        names = check_class_names(meta.get("class_names"), config.num_classes)
+        preprocessing = Preprocessing.from_dict(meta.get("preprocessing"))
+    except (MixerError, TypeError) as exc:
+        raise MixerError(f"{path}: {exc}") from None
+    return config, names, preprocessing, meta
 
 
 def load_model(directory: Path, device: str | torch.device = "cpu") -> MlpMixer:
     """Load a model directory, ready for inference (eval mode); `.meta` holds its config.json."""
-    meta = read_config(directory)
-    try:
-        config = MixerConfig.from_dict(meta["architecture"])
-    except TypeError as exc:
-        raise MixerError(f"{Path(directory) / CONFIG}: bad architecture ({exc})") from None
-    model = MlpMixer(config)
-    load_state(model, read_tensors(Path(directory) / WEIGHTS), Path(directory) / WEIGHTS)
+    config, names, preprocessing, meta = describe(directory)
+    model = MlpMixer(config, names, preprocessing)
+    weights = Path(directory) / WEIGHTS
+    state = read_tensors(weights)
+    bad = [k for (k, v) in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise MixerError(f"{weights} holds NaN or infinite weights ({_few(bad)}): the training that wrote it "
+                         "diverged; train again with a lower lr")
+    load_state(model, state, weights)
     model.meta = meta
     return model.to(device).eval()
 
@@ -97,7 +128,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from `.safetensors`, `.pth`/`.bin` (weights only, never unpickling code) or `.npz`."""
     path = Path(path)
     if not path.is_file():
-        raise MixerError(f"{path} does not exist")
+        raise MixerError(f"{path} does not exist" if not path.exists() else
+                         f"{path} is a folder, not a weights file" if path.is_dir() else f"{path} is not a regular file")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
@@ -114,7 +146,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "model_state_dict"):  # common wrappers around a state dict
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MixerError(f"{path} is not a state dict of tensors")
     return state
 
@@ -210,6 +242,10 @@ def infer_config(state: dict[str, torch.Tensor], gelu: str,
         head = state["head.weight"]
     except (KeyError, ValueError) as exc:
         raise MixerError(f"not an MLP-Mixer checkpoint: no tensor {exc}") from None
+    for (name, tensor, rank) in (("stem.weight", stem, 4), ("blocks.0.token_mlp.fc1.weight", token_fc1, 2),
+                                 ("blocks.0.channel_mlp.fc1.weight", channel_fc1, 2), ("head.weight", head, 2)):
+        if tensor.dim() != rank:
+            raise MixerError(f"not an MLP-Mixer checkpoint: {name} has {tensor.dim()} dimensions, not {rank}")
     dim, in_chans, ph, pw = stem.shape
     token_hidden, num_patches = token_fc1.shape
     if image_shape is None:
@@ -223,8 +259,12 @@ def infer_config(state: dict[str, torch.Tensor], gelu: str,
 
 
 def import_weights(source: Path, out_dir: Path, image_shape: tuple[int, int] | None = None,
-                   class_names: list[str] | None = None) -> MlpMixer:
-    """Convert a timm state dict or a vit_jax `.npz` into a model directory; returns the model."""
+                   provenance: dict | None = None) -> MlpMixer:
+    """Convert a timm state dict or a vit_jax `.npz` into a model directory; returns the model.
+
+    The directory's `config.json` records where the weights came from: `provenance` (what the caller
+    knows, e.g. a hub repository and revision), or else the file's path, and its sha256 either way.
+    """
     source = Path(source)
     raw = read_tensors(source)
     if any(k.startswith(("stem/", "MixerBlock_", "/stem", "params/")) for k in raw):
@@ -235,7 +275,20 @@ def import_weights(source: Path, out_dir: Path, image_shape: tuple[int, int] | N
         state, gelu = dict(raw), "exact"  # already this project's names
     else:
         raise MixerError(f"{source} is neither a timm MlpMixer nor a vit_jax Mixer checkpoint")
-    model = MlpMixer(infer_config(state, gelu, image_shape))
+    try:
+        model = MlpMixer(infer_config(state, gelu, image_shape))
+    except MixerError as exc:
+        raise MixerError(f"{source}: {exc}") from None
     load_state(model, state, source)
-    save_model(model, Path(out_dir), class_names)
+    record = dict(provenance or {"path": str(source)})
+    record["sha256"] = sha256_file(source)
+    save_model(model, Path(out_dir), source=record)
     return model
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

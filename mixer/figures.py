@@ -12,9 +12,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def plain(text: str) -> str:
+    """Text that matplotlib shows as written: a `$` would otherwise start mathtext (and can fail)."""
+    return str(text).replace("$", r"\$")
+
+
 def confusion_figure(confusion: np.ndarray, classes: list[str], path: Path) -> None:
     """Row-normalised confusion matrix (recall on the diagonal) with class names."""
     n = len(classes)
+    classes = [plain(c) for c in classes]
     rows = confusion.sum(axis=1, keepdims=True)
     normalised = np.divide(confusion, rows, out=np.zeros(confusion.shape, dtype=float), where=rows > 0)
     size = min(max(4.0, 0.45 * n + 2), 24.0)
@@ -67,7 +73,7 @@ def mistakes_figure(images: np.ndarray, true: list[str], predicted: list[str], c
         ax.axis("off")
         if k < len(images):
             ax.imshow(images[k], interpolation="nearest")
-            ax.set_title(f"true {true[k]}\npred {predicted[k]} ({confidence[k]:.2f})", fontsize=9)
+            ax.set_title(f"true {plain(true[k])}\npred {plain(predicted[k])} ({confidence[k]:.2f})", fontsize=9)
     if not len(images):
         axes.flat[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
     fig.suptitle("Worst test mistakes (lowest probability of the true class)")

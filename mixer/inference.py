@@ -9,44 +9,45 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mixer.data import decode, is_image_file
-from mixer.engine import normalize
+from mixer.data import decode, find_images, printable
 from mixer.errors import MixerError
 from mixer.model import MlpMixer
+from mixer.preprocess import to_float
 
 
-def list_images(paths: list[Path]) -> list[Path]:
-    """Files as given, and the image files under folders (recursive, sorted, hidden ones skipped)."""
-    out = []
+def list_images(paths: list[Path]) -> tuple[list[Path], list[dict]]:
+    """Files as given, and the image files under folders (recursive, sorted; hidden, special and
+    looping entries skipped and returned with their reason)."""
+    found: list[Path] = []
+    skipped: list[dict] = []
     for path in map(Path, paths):
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p.relative_to(path)))
-        elif path.exists():
-            out.append(path)
+            images, skips = find_images(path)
+            found += images
+            skipped += [{"path": printable(path / s["path"]), "error": s["reason"]} for s in skips]
+        elif path.exists() or path.is_symlink():
+            found.append(path)  # decoding says what is wrong with it, in its row
         else:
-            raise MixerError(f"{path} does not exist")
-    if not out:
-        raise MixerError(f"no images found in {', '.join(map(str, paths))}")
-    return out
+            raise MixerError(f"{printable(path)} does not exist")
+    if not found and not skipped:
+        raise MixerError(f"no images found in {', '.join(printable(p) for p in paths)}")
+    return found, skipped
 
 
 def preprocess(model: MlpMixer, arrays: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) → the normalised float batch the model was trained on."""
-    meta = getattr(model, "meta", {}).get("normalization", {"mean": [0.5] * 3, "std": [0.5] * 3})
-    mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
-    return (normalize(torch.from_numpy(arrays)) - mean) / std
+    return model.preprocessing.standardize(to_float(torch.from_numpy(arrays)))
 
 
 @torch.inference_mode()
 def predict_files(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_size: int = 64) -> pd.DataFrame:
     """One row per file: path, top-k labels and probabilities, or the error that kept it unread."""
-    classes = getattr(model, "meta", {}).get("class_names") or [str(i) for i in range(model.config.num_classes)]
-    k = min(top_k, len(classes))
-    if k < 1:
+    classes = model.class_names
+    if top_k < 1:
         raise MixerError(f"--top-k must be at least 1, got {top_k}")
+    k = min(top_k, len(classes))
     shape = model.config.image_shape
-    policy = getattr(model, "meta", {}).get("resize", "stretch")
+    policy = model.preprocessing.resize
     rows: list[dict] = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
@@ -56,17 +57,17 @@ def predict_files(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_size
                 arrays.append(decode(path, shape, policy)[0])
                 good.append(path)
             except ValueError as exc:
-                rows.append({"path": str(path), "error": str(exc)})
+                rows.append({"path": printable(path), "error": str(exc)})
         if arrays:
             probabilities = torch.softmax(model(preprocess(model, np.stack(arrays))).float(), dim=1)
             top = probabilities.topk(k, dim=1)
             for (path, p, i) in zip(good, top.values.tolist(), top.indices.tolist()):
-                row = {"path": str(path), "error": ""}
+                row = {"path": printable(path), "error": ""}
                 for rank in range(k):
                     row[f"label_{rank + 1}"] = classes[i[rank]]
                     row[f"prob_{rank + 1}"] = round(p[rank], 6)
                 rows.append(row)
-    order = {str(p): n for (n, p) in enumerate(paths)}
+    order = {printable(p): n for (n, p) in enumerate(paths)}
     table = pd.DataFrame(rows, dtype=object).fillna("")
     table = table.sort_values("path", key=lambda s: s.map(order)).reset_index(drop=True)
     columns = ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
@@ -94,6 +95,5 @@ def export_onnx(model: MlpMixer, path: Path, atol: float = 1e-4) -> float:
     got = session.run(None, {"images": check.numpy()})[0]
     difference = float(np.abs(got - expected).max())
     if difference > atol:
-        path.unlink()
         raise MixerError(f"ONNX export of {path} differs from PyTorch by {difference:.2e} (> {atol:.0e})")
     return difference

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixer import fused
 from mixer.errors import MixerError
+from mixer.preprocess import Preprocessing
 
 LAYER_NORM_EPS = 1e-6  # both the official vit_jax code and timm use 1e-6, not torch's 1e-5
 
@@ -61,12 +61,7 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
 
 
 class MixerBlock(nn.Module):
-    """Token mixing across patches, then channel mixing across features; pre-LayerNorm, skips.
-
-    `forward` runs the fused block (`mixer.fused`: one autograd node, reused buffers) wherever it
-    computes the same thing, and these modules step by step elsewhere (dropout or stochastic depth
-    while training, autocast, tracing, export, torch.compile).
-    """
+    """Token mixing across patches, then channel mixing across features; pre-LayerNorm, skips."""
 
     def __init__(self, num_patches: int, dim: int, token_hidden: int, channel_hidden: int,
                  gelu: str = "exact", dropout: float = 0.0, drop_path_rate: float = 0.0):
@@ -78,8 +73,6 @@ class MixerBlock(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x: Tensor) -> Tensor:  # x: (patches, batch, dim), token-major
-        if fused.applies(self, x):
-            return fused.mixer_block(self, x)
         x = x + drop_path(self.token_mlp.forward_tokens(self.token_norm(x)), self.drop_path_rate, self.training)
         return x + drop_path(self.channel_mlp(self.channel_norm(x)), self.drop_path_rate, self.training)
 
@@ -110,10 +103,15 @@ class MixerConfig:
             raise MixerError(f"image_shape {list(self.image_shape)} is not divisible by "
                              f"patch_shape {list(self.patch_shape)}")
         for name in ("depth", "dim", "token_hidden", "channel_hidden", "num_classes", "in_chans"):
-            if getattr(self, name) < 1:
-                raise MixerError(f"{name} must be at least 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise MixerError(f"{name} must be an integer of at least 1, got {value!r}")
         if self.gelu not in ("exact", "tanh"):
             raise MixerError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        for name in ("dropout", "drop_path"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0 <= value < 1:
+                raise MixerError(f"{name} must be a number in [0, 1), got {value!r}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -136,11 +134,18 @@ class MixerConfig:
 
 
 class MlpMixer(nn.Module):
-    """Patch embedding, `depth` unshared Mixer blocks, LayerNorm, global average pool, linear head."""
+    """Patch embedding, `depth` unshared Mixer blocks, LayerNorm, global average pool, linear head.
 
-    def __init__(self, config: MixerConfig):
+    Beside the weights it carries what a model directory records with them: the class names its
+    outputs stand for and how an image file becomes its input (`preprocessing`).
+    """
+
+    def __init__(self, config: MixerConfig, class_names: list[str] | None = None,
+                 preprocessing: Preprocessing | None = None):
         super().__init__()
         self.config = config
+        self.class_names = check_class_names(class_names, config.num_classes)
+        self.preprocessing = preprocessing or Preprocessing()
         c = config
         # A conv with stride = kernel = patch is the paper's per-patch linear embedding.
         self.stem = nn.Conv2d(c.in_chans, c.dim, kernel_size=c.patch_shape, stride=c.patch_shape)
@@ -172,12 +177,13 @@ class MlpMixer(nn.Module):
         nn.init.zeros_(self.head.weight)  # paper: zero head, so the first loss is log(num_classes)
         nn.init.zeros_(self.head.bias)
 
-    def reset_head(self, num_classes: int) -> None:
+    def reset_head(self, class_names: list[str]) -> None:
         """Replace the classifier for fine-tuning on another label set (zero-initialised)."""
-        self.head = nn.Linear(self.config.dim, num_classes).to(self.head.weight.device)
+        self.head = nn.Linear(self.config.dim, len(class_names)).to(self.head.weight.device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.config = replace(self.config, num_classes=num_classes)
+        self.config = replace(self.config, num_classes=len(class_names))
+        self.class_names = check_class_names(class_names, len(class_names))
 
     def embed(self, images: Tensor) -> Tensor:
         """Per-patch linear embedding: (batch, chans, H, W) → token-major (patches, batch, dim).
@@ -202,6 +208,17 @@ class MlpMixer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def check_class_names(names: list[str] | None, num_classes: int) -> list[str]:
+    """The names of a model's outputs: one distinct string per class ('0', '1', ... when not given)."""
+    if names is None:
+        return [str(i) for i in range(num_classes)]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise MixerError(f"class names must be a list of strings, got {names!r:.80}")
+    if len(names) != num_classes or len(set(names)) != len(names):
+        raise MixerError(f"{len(names)} class names ({len(set(names))} distinct) for a model with {num_classes} classes")
+    return list(names)
 
 
 # Paper, Table 1: (patch, depth, C, D_S, D_C).

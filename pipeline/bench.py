@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, create_model
 from pipeline.params import load_params
 from pipeline.paths import PREPARED
-from pipeline.train import build_model
+from pipeline.train import architecture
 
 ORIGINAL = dict(image_shape=(256, 256), patch_shape=(16, 16), depth=6, dim=512, num_classes=120)
 
@@ -28,8 +27,8 @@ def configs(which: str, params_file: Path) -> dict[str, tuple[MixerConfig, int]]
     if which in ("original", "both"):
         out["original"] = (create_model(**ORIGINAL).config, 16)
     if which in ("default", "both"):
-        p = replace(load_params(params_file), checkpoint=None)  # the architecture training would build
-        out["default"] = (build_model(p, p.num_classes or 10).config, p.batch_size)
+        p = load_params(params_file)
+        out["default"] = (architecture(p, p.num_classes or 10), p.batch_size)  # what training would build
     if not out:
         raise MixerError(f"--config must be original, default or both, got {which!r}")
     return out
@@ -104,8 +103,7 @@ def show(results: list[dict]) -> None:
         table.add_column(column, justify="right")
     for r in results:
         ref = r["reference"]
-        for (label, o) in ((r["config"], r["ours"]), (f"{r['config']} unfused", r.get("ours_unfused")),
-                           (f"{r['config']} compiled", r.get("ours_compiled"))):
+        for (label, o) in ((r["config"], r["ours"]), (f"{r['config']} compiled", r.get("ours_compiled"))):
             if o is None:
                 continue
             table.add_row(label, r["precision"], str(r["batch"]), f"{o['train_images_per_s']:.1f}",

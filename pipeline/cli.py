@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import signal
 import sys
 import types
 import typing
@@ -57,7 +58,7 @@ def _override_parameter(name: str, stage: str) -> inspect.Parameter:
     decls = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
     if kind is bool:
         decls = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
-    panel = (f"params.yaml keys the {stage} stage reads (override for this run)" if stage in info["stages"]
+    panel = (f"params.yaml keys the {stage} stage reads (override for this run)" if name in stage_keys(stage)
              else "other params.yaml keys (validated with the rest)")
     option = typer.Option(*decls, help=text, rich_help_panel=panel, show_default=False)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -70,7 +71,7 @@ def stage_command(stage: str, name: str | None = None):
     The decorated function takes `overrides` (key → value given on the command line) plus its own
     options; a `MixerError` anywhere below becomes one line on stderr and exit code 2.
     """
-    keys = stage_keys(stage) + [f.name for f in fields(Params) if stage not in f.metadata["stages"]]
+    keys = stage_keys(stage) + [f.name for f in fields(Params) if f.name not in stage_keys(stage)]
 
     def decorate(func):
         own = [p for p in inspect.signature(func).parameters.values() if p.name != "overrides"]
@@ -104,6 +105,14 @@ def guarded(func):
     return command
 
 
+@stage_command("check")
+def check(overrides: dict, params: ParamsOption = PARAMS_FILE) -> None:
+    """Validate params.yaml and the paths it names; the pipeline's first stage."""
+    from pipeline import check as stage
+
+    stage.run(params, overrides)
+
+
 @stage_command("prepare")
 def prepare(overrides: dict, params: ParamsOption = PARAMS_FILE,
             workers: Annotated[int, typer.Option(help="decoding processes (a machine setting)")] = 2) -> None:
@@ -115,18 +124,35 @@ def prepare(overrides: dict, params: ParamsOption = PARAMS_FILE,
 
 @stage_command("train")
 def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
-          resume: Annotated[bool, typer.Option(help="continue from output_dir/checkpoints/last.pt")] = False,
+          resume: Annotated[Optional[bool], typer.Option(
+              "--resume/--no-resume",
+              help="--resume: continue this run's checkpoint (another run's is an error); --no-resume: start "
+                   "over. Default: continue when checkpoints/<output_dir> holds this run, else start over")] = None,
+          checkpoint_every: Annotated[str, typer.Option(
+              envvar="MIXER_CHECKPOINT_EVERY",
+              help="also checkpoint inside epochs: optimizer steps (500) or a time (90s, 10m, 2h)")] = "10m",
           mixed_precision: Annotated[str, typer.Option(help="no, bf16 or fp16 (keep 'no' on CPU)")] = "no",
           compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
           progress: Annotated[Optional[bool], typer.Option(help="progress bar (default: on a terminal)")] = None,
           ) -> None:
-    """Train the Mixer with Accelerate; writes output_dir/model.safetensors and config.json."""
-    from mixer.engine import Machine
+    """Train the Mixer with Accelerate; writes output_dir/ (model.safetensors, config.json) and reports/train/.
+
+    SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, and the command exits;
+    running it again (or `dvc repro`) continues from there.
+    """
+    from mixer.engine import Every, Interrupted, Machine
     from pipeline import train as stage
 
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise fail(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
-    stage.run(params, overrides, Machine(mixed_precision, compile, progress), resume)
+    machine = Machine(mixed_precision, compile, Every.parse(checkpoint_every))
+    try:
+        stage.run(params, overrides, machine, resume, progress)
+    except Interrupted as exc:
+        signum = getattr(exc, "signum", 0)
+        name = signal.Signals(signum).name if signum else "request"
+        typer.echo(f"stopped by {name}: {exc}; run the same command (or dvc repro) to continue", err=True)
+        raise typer.Exit(128 + signum) from None
 
 
 @stage_command("evaluate")
@@ -159,12 +185,9 @@ def import_weights(source: Annotated[Path, typer.Argument(help="timm .safetensor
                    force: Annotated[bool, typer.Option(help="overwrite an existing model directory")] = False,
                    ) -> None:
     """Convert a public MLP-Mixer checkpoint into a model directory this tool trains and evaluates."""
-    from mixer.checkpoint import WEIGHTS, import_weights as convert
+    from pipeline import weights as stage
 
-    if (Path(out_dir) / WEIGHTS).exists() and not force:
-        raise fail(f"{out_dir} already holds a model; pass --force to overwrite it")
-    model = convert(source, out_dir, image_shape)
-    c = model.config
+    c = stage.run(source, out_dir, image_shape, force).config
     typer.echo(f"wrote {out_dir}: {c.depth} blocks, dim {c.dim}, patch {list(c.patch_shape)}, "
                f"image {list(c.image_shape)}, {c.num_classes} classes, GELU {c.gelu}")
 

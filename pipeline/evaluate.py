@@ -9,21 +9,30 @@ import numpy as np
 import pandas as pd
 
 from mixer.checkpoint import load_model
-from mixer.data import load_split
-from mixer.engine import predict
+from mixer.data import Prepared, open_prepared
+from mixer.errors import MixerError
+from mixer.evaluation import split_logits
 from mixer.figures import confusion_figure, learning_curves_figure, mistakes_figure
 from mixer.metrics import score
+from mixer.model import MlpMixer
+from pipeline.outputs import writing
 from pipeline.params import Params, load_params
 from pipeline.paths import FIGURES, PREPARED, REPORTS, TRAIN_LOG
+
+OUTPUTS = {name: REPORTS / name for name in ("metrics.json", "per_class.csv", "confusion.csv", "README.md")}
 
 
 def run(params_file: Path, overrides: dict) -> dict:
     p = load_params(params_file, overrides)
     model = load_model(Path(p.output_dir))
-    classes = model.meta["class_names"]
-    test, val = load_split(PREPARED, "test"), load_split(PREPARED, "val")
-    test_scores = score(*predict(model, test, p.eval_batch_size), classes)
-    val_scores = score(*predict(model, val, p.eval_batch_size), classes)
+    prepared = open_prepared(PREPARED)
+    check_fits(model, Path(p.output_dir), prepared)
+    classes = model.class_names
+    test, val = prepared.split("test"), prepared.split("val")
+    test_scores = score(*split_logits(model, test, model.preprocessing, p.eval_batch_size), classes)
+    val_scores = score(*split_logits(model, val, model.preprocessing, p.eval_batch_size), classes)
+    if not (np.isfinite(test_scores.loss) and np.isfinite(val_scores.loss)):
+        raise MixerError(f"the model in {p.output_dir} gives non-finite outputs; train it again")
     metrics = {
         "accuracy": test_scores.accuracy,
         "top5_accuracy": test_scores.top5_accuracy,
@@ -32,30 +41,46 @@ def run(params_file: Path, overrides: dict) -> dict:
                 "loss": val_scores.loss},
         "test_images": len(test),
     }
-    REPORTS.mkdir(exist_ok=True)
-    (REPORTS / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    test_scores.per_class.to_csv(REPORTS / "per_class.csv", index=False, float_format="%.4f")
-    pd.DataFrame({"actual": [classes[i] for i in test.labels],
-                  "predicted": [classes[i] for i in test_scores.predicted]}).to_csv(
-        REPORTS / "confusion.csv", index=False)
-    write_figures(test_scores, test, classes)
-    write_readme(p, metrics)
+    with writing("mixer evaluate", FIGURES, *OUTPUTS.values()) as staging:
+        out = {name: staging.file(path) for (name, path) in OUTPUTS.items()}
+        out["metrics.json"].write_text(json.dumps(metrics, indent=2) + "\n")
+        test_scores.per_class.to_csv(out["per_class.csv"], index=False, float_format="%.4f")
+        pd.DataFrame({"actual": [classes[i] for i in test.labels],
+                      "predicted": [classes[i] for i in test_scores.predicted]}).to_csv(out["confusion.csv"], index=False)
+        write_figures(test_scores, test, classes, staging.dir(FIGURES))
+        out["README.md"].write_text(readme(p, metrics), encoding="utf-8")
     print(f"test accuracy {metrics['accuracy']:.4f}, top-5 {metrics['top5_accuracy']}, "
           f"loss {metrics['loss']:.4f} on {len(test)} images")
     return metrics
 
 
-def write_figures(scores, test, classes: list[str]) -> None:
-    confusion_figure(scores.confusion, classes, FIGURES / "confusion.png")
+def check_fits(model: MlpMixer, directory: Path, prepared: Prepared) -> None:
+    """Evaluation is meaningful only on data prepared as the model's training data was."""
+    again = "train it on this data, or prepare the data it was trained on"
+    if model.class_names != prepared.classes:
+        theirs, ours = set(model.class_names), set(prepared.classes)
+        which = (f"{sorted(theirs - ours)[:3]} only in the model, {sorted(ours - theirs)[:3]} only in the data"
+                 if theirs != ours else "the same names in another order")
+        raise MixerError(f"the model in {directory} has other classes than {PREPARED} ({which}); {again}")
+    if model.config.image_shape != prepared.image_shape:
+        raise MixerError(f"the model in {directory} takes {list(model.config.image_shape)} images but {PREPARED} "
+                         f"holds {list(prepared.image_shape)}; {again}")
+    if model.preprocessing.resize != prepared.resize:
+        raise MixerError(f"the model in {directory} was trained on images resized by {model.preprocessing.resize} "
+                         f"but {PREPARED} used {prepared.resize}; {again}")
+
+
+def write_figures(scores, test, classes: list[str], folder: Path) -> None:
+    confusion_figure(scores.confusion, classes, folder / "confusion.png")
     history = read_history(TRAIN_LOG / "plots" / "metrics")
     if history is not None:
-        learning_curves_figure(history, FIGURES / "learning_curves.png")
+        learning_curves_figure(history, folder / "learning_curves.png")
     true_probability = scores.probabilities[np.arange(len(test)), test.labels]
     wrong = np.flatnonzero(scores.predicted != test.labels)
     worst = wrong[np.argsort(true_probability[wrong])][:16]
     mistakes_figure(np.asarray(test.images[worst]), [classes[i] for i in test.labels[worst]],
                     [classes[i] for i in scores.predicted[worst]],
-                    scores.probabilities[worst, scores.predicted[worst]], FIGURES / "mistakes.png")
+                    scores.probabilities[worst, scores.predicted[worst]], folder / "mistakes.png")
 
 
 def read_history(folder: Path) -> pd.DataFrame | None:
@@ -63,8 +88,12 @@ def read_history(folder: Path) -> pd.DataFrame | None:
     tables = []
     for tsv in sorted(folder.rglob("*.tsv")):
         name = tsv.relative_to(folder).with_suffix("").as_posix()
-        table = pd.read_csv(tsv, sep="\t")
-        tables.append(table[["step", table.columns[-1]]].rename(columns={table.columns[-1]: name}))
+        try:
+            table = pd.read_csv(tsv, sep="\t")
+            tables.append(table[["step", table.columns[-1]]].rename(columns={table.columns[-1]: name}))
+        except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
+            print(f"note: no learning curves: {tsv} is unreadable ({type(exc).__name__})")
+            return None
     if not tables:
         return None
     history = tables[0]
@@ -73,11 +102,11 @@ def read_history(folder: Path) -> pd.DataFrame | None:
     return history.sort_values("step")
 
 
-def write_readme(p: Params, metrics: dict) -> None:
+def readme(p: Params, metrics: dict) -> str:
     keys = ["data", "image_shape", "patch_shape", "variant", "depth", "dim", "num_classes", "batch_size",
             "optimizer", "lr", "decay", "num_steps", "warmup_step", "scheduler", "seed"]
     rows = "\n".join(f"| `{k}` | `{_show(getattr(p, k))}` |" for k in keys)
-    (REPORTS / "README.md").write_text(f"""# Run report
+    return f"""# Run report
 
 Written by `mixer evaluate`. Compare with another commit: `dvc metrics diff`, `dvc plots diff`.
 
@@ -104,7 +133,7 @@ Per class: [per_class.csv](per_class.csv). Data: [data.json](data.json).
 ![confusion matrix](figures/confusion.png)
 
 ![worst mistakes](figures/mistakes.png)
-""")
+"""
 
 
 def _cell(value: float | None) -> str:

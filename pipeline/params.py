@@ -18,6 +18,7 @@ import yaml
 
 from mixer.errors import MixerError
 from mixer.model import VARIANTS
+from mixer.preprocess import RESIZE_POLICIES
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -92,8 +93,8 @@ class Params:
 
 
 def stage_keys(stage: str) -> list[str]:
-    """Names of the params a stage reads (what dvc.yaml lists for it)."""
-    return [f.name for f in fields(Params) if stage in f.metadata["stages"]]
+    """Names of the params a stage reads (what dvc.yaml lists for it); `check` reads them all."""
+    return [f.name for f in fields(Params) if stage in f.metadata["stages"] or stage == "check"]
 
 
 def field_info(name: str) -> dict:
@@ -157,7 +158,8 @@ def _validate(p: Params) -> None:
     need(p.warmup_step >= 0, f"warmup_step must be 0 or more, got {p.warmup_step}")
     need(p.scheduler in ("cosine", "linear"), f"scheduler must be 'cosine' or 'linear', got {p.scheduler!r}")
     need(p.optimizer in ("sgd", "adamw"), f"optimizer must be 'sgd' or 'adamw', got {p.optimizer!r}")
-    need(p.resize in ("stretch", "center_crop"), f"resize must be 'stretch' or 'center_crop', got {p.resize!r}")
+    need(p.resize in RESIZE_POLICIES, f"resize must be {' or '.join(map(repr, RESIZE_POLICIES))}, got {p.resize!r}")
+    need(0 <= p.seed < 2**32, f"seed must be in 0 .. 2**32 - 1, got {p.seed}")
     need(p.lr > 0, f"lr must be positive, got {p.lr}")
     need(0 <= p.min_lr <= p.lr, f"min_lr must be between 0 and lr ({p.lr}), got {p.min_lr}")
     need(0 <= p.momentum < 1, f"momentum must be in [0, 1), got {p.momentum}")
@@ -176,19 +178,51 @@ def _validate(p: Params) -> None:
     need(0 <= p.randaugment_m <= 30, f"randaugment_m must be in 0..30, got {p.randaugment_m}")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice is an error instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for (key_node, _) in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {first[key]})", key_node.start_mark)
+                first[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the base class says so
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> object:
+    """A YAML file's content; a one-line error naming the file (and line) when it cannot be had."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except FileNotFoundError:
+        raise MixerError(f"params file {path} does not exist") from None
+    except IsADirectoryError:
+        raise MixerError(f"{path} is a folder; give a params file") from None
+    except OSError as exc:
+        raise MixerError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise MixerError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MixerError(f"{path}{where}: not valid YAML ({problem})") from None
+
+
 def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None) -> Params:
     """Read and validate a params file; `overrides` (key → value) win for this run only."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise MixerError(f"params file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise MixerError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise MixerError(f"{path} must be a mapping of keys to values")
     known = {f.name for f in fields(Params)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(map(str, set(raw) - known))
     if unknown:
         raise MixerError(f"{path}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
     missing = sorted(known - set(raw))

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from mixer.checkpoint import atomic_write, load_model
+from mixer.checkpoint import load_model
 from mixer.inference import list_images, predict_files
+from pipeline.outputs import writing
 from pipeline.params import load_params
 
 
 def run(paths: list[Path], model_dir: Path | None, top_k: int, out: Path | None, params_file: Path) -> None:
     model = load_model(model_dir or Path(load_params(params_file).output_dir))
-    table = predict_files(model, list_images(paths), top_k)
+    images, skipped = list_images(paths)
+    table = predict_files(model, images, top_k)
+    if skipped:
+        table = pd.concat([table, pd.DataFrame(skipped)], ignore_index=True).fillna("")
     if out is not None:
-        atomic_write(Path(out), lambda tmp: table.to_csv(tmp, index=False))
+        with writing("mixer predict", out) as staging:
+            table.to_csv(staging.file(out), index=False)
     view = Table(title=f"{len(table)} image(s)")
     for column in table.columns:
         view.add_column(column, overflow="fold")
-    for row in table.itertuples(index=False):
-        view.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    for row in table.itertuples(index=False):  # Text, not markup: a file may be called "[bold]x.jpg"
+        view.add_row(*[Text(f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row])
     Console().print(view)

@@ -1,15 +1,17 @@
-"""Stage `prepare`: data source → prepared/ (images.npy, manifest.csv) and reports/data.json."""
+"""Stage `prepare`: data source → prepared/ (images.npy, manifest.csv, prepared.json) and reports/data.json."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from rich.progress import Progress
 
 from mixer.data import PrepareConfig, open_source, prepare
 from mixer.errors import MixerError
+from pipeline.outputs import writing
 from pipeline.params import load_params
 from pipeline.paths import DATA_REPORT, PREPARED
 
@@ -21,18 +23,14 @@ def run(params_file: Path, overrides: dict, workers: int) -> dict:
     config = PrepareConfig(image_shape=p.image_shape, resize=p.resize, val_fraction=p.val_fraction,
                            test_fraction=p.test_fraction, seed=p.seed, num_classes=p.num_classes,
                            strict=p.strict, drop_duplicates=p.drop_duplicates)
-    staging = PREPARED.with_name(PREPARED.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    source = open_source(p.data, staging)
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"decoding {len(source.items)} images", total=len(source.items))
-        report = prepare(source, staging, config, workers, progress=lambda: bar.advance(task))
-    # Only a complete cache replaces the previous one.
-    shutil.rmtree(PREPARED, ignore_errors=True)
-    staging.rename(PREPARED)
-    DATA_REPORT.parent.mkdir(parents=True, exist_ok=True)
-    DATA_REPORT.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    with writing("mixer prepare", PREPARED, DATA_REPORT) as staging, tempfile.TemporaryDirectory() as scratch:
+        cache, data_report = staging.dir(PREPARED), staging.file(DATA_REPORT)
+        source = open_source(p.data, Path(scratch))
+        with Progress(transient=True, disable=not sys.stdout.isatty()) as bar:
+            task = bar.add_task(f"decoding {len(source.items)} images", total=len(source.items))
+            report = prepare(source, cache, config, workers, progress=lambda: bar.advance(task))
+        data_report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     counts = {split: sum(c.values()) for (split, c) in report["counts"].items()}
     print(f"prepared {len(report['classes'])} classes: {counts}; skipped {len(report['skipped'])}, "
-          f"cross-split duplicates {len(report['duplicates'])}")
+          f"cross-split duplicates {len(report['duplicates'])}, CSV label conflicts {len(report['label_conflicts'])}")
     return report

@@ -1,19 +1,41 @@
-"""Stage `train`: prepared/ → output_dir/ (model.safetensors, config.json, checkpoints/), reports/train/."""
+"""Stage `train`: prepared/ → output_dir/ (the model) and reports/train/ (dvclive's curves).
+
+The run's checkpoints live in checkpoints/<output_dir>/, which DVC does not own: DVC deletes a
+stage's outputs before running it, so only there do they survive a kill, and `dvc repro` (or the
+same `mixer train`) continues the run. Both outputs are replaced only when training succeeds.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from mixer.augment import AugmentConfig
-from mixer.checkpoint import load_model
-from mixer.data import load_split
-from mixer.engine import Machine, TrainConfig, train
+from mixer.checkpoint import WEIGHTS, load_model, save_model, sha256_file
+from mixer.data import Prepared, open_prepared
+from mixer.engine import Interrupted, Machine, TrainConfig, train
 from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, create_model
-from pipeline.params import Params, load_params
-from pipeline.paths import PREPARED, TRAIN_LOG
+from mixer.preprocess import Preprocessing
+from mixer.train_state import TrainState
+from pipeline.outputs import writing
+from pipeline.params import Params, load_params, stage_keys
+from pipeline.paths import CHECKPOINTS, PREPARED, TRAIN_LOG
+from pipeline.progress import ConsoleReporter
+
+# train params that do not decide the result: where it goes, how evaluation batches, and the
+# per-process batch (the fingerprint holds the global batch, so the number of processes may change)
+NOT_IN_FINGERPRINT = ("output_dir", "eval_batch_size", "batch_size")
 
 
 def train_config(p: Params) -> TrainConfig:
@@ -29,22 +51,30 @@ def train_config(p: Params) -> TrainConfig:
     )
 
 
-def build_model(p: Params, num_classes: int) -> MlpMixer:
-    """A fresh Mixer from the params, or the `checkpoint` model directory to fine-tune."""
-    fresh = dict(image_shape=p.image_shape, depth=p.depth, dim=p.dim, num_classes=num_classes,
-                 token_hidden=p.token_hidden, channel_hidden=p.channel_hidden, dropout=p.dropout,
-                 drop_path=p.drop_path)
+def architecture(p: Params, num_classes: int) -> MixerConfig:
+    """The architecture the params ask for (a paper variant and/or explicit fields)."""
+    fields = dict(image_shape=p.image_shape, depth=p.depth, dim=p.dim, num_classes=num_classes,
+                  token_hidden=p.token_hidden, channel_hidden=p.channel_hidden, dropout=p.dropout,
+                  drop_path=p.drop_path)
     if p.variant is None:
-        fresh["patch_shape"] = p.patch_shape
+        fields["patch_shape"] = p.patch_shape
     else:  # the variant fixes patch, depth, dim and widths; explicit hidden widths still win
-        fresh = {k: v for (k, v) in fresh.items() if k not in ("depth", "dim")}
+        fields = {k: v for (k, v) in fields.items() if k not in ("depth", "dim")}
+    return create_model(p.variant, **fields).config
+
+
+def build_model(p: Params, classes: list[str], resize: str) -> MlpMixer:
+    """A fresh Mixer from the params, or the `checkpoint` model directory to fine-tune."""
+    wanted = architecture(p, len(classes))
     if p.checkpoint is None:
-        return create_model(p.variant, **fresh)
+        return MlpMixer(wanted, classes, Preprocessing(resize))
     model = load_model(Path(p.checkpoint)).train()
-    return adapt_for_finetuning(model, create_model(p.variant, **fresh).config, p.checkpoint)
+    model = adapt_for_finetuning(model, wanted, p.checkpoint, classes)
+    model.preprocessing = replace(model.preprocessing, resize=resize)  # the weights' normalisation, our resize
+    return model
 
 
-def adapt_for_finetuning(model: MlpMixer, wanted: MixerConfig, source: str) -> MlpMixer:
+def adapt_for_finetuning(model: MlpMixer, wanted: MixerConfig, source: str, classes: list[str]) -> MlpMixer:
     """Keep the checkpoint's architecture; replace the head for another label set."""
     have = model.config
     if have.image_shape != wanted.image_shape or have.patch_shape != wanted.patch_shape:
@@ -57,52 +87,154 @@ def adapt_for_finetuning(model: MlpMixer, wanted: MixerConfig, source: str) -> M
         if getattr(have, key) != getattr(wanted, key):
             print(f"note: {key} = {getattr(have, key)} from checkpoint {source} "
                   f"(params say {getattr(wanted, key)})")
-    if have.num_classes != wanted.num_classes:
-        print(f"note: new zero-initialised head for {wanted.num_classes} classes "
-              f"(checkpoint has {have.num_classes})")
-        model.reset_head(wanted.num_classes)
+    if model.class_names != classes:
+        print(f"note: new zero-initialised head for {len(classes)} classes (checkpoint has {have.num_classes})")
+        model.reset_head(classes)
     return model
 
 
-def run(params_file: Path, overrides: dict, machine: Machine, resume: bool) -> dict:
-    p = load_params(params_file, overrides)
-    train_split, val_split = load_split(PREPARED, "train"), load_split(PREPARED, "val")
-    classes = train_split.classes
-    if p.num_classes is not None and p.num_classes != len(classes):
-        raise MixerError(f"num_classes is {p.num_classes} but {PREPARED} holds {len(classes)} classes; "
-                         "run `mixer prepare` again")
-    if tuple(train_split.images.shape[1:3]) != p.image_shape:
-        raise MixerError(f"image_shape is {list(p.image_shape)} but {PREPARED} holds "
-                         f"{list(train_split.images.shape[1:3])} images; run `mixer prepare` again")
-    torch.manual_seed(p.seed)  # the initialisation: the same on every rank and every run
-    model = build_model(p, len(classes))
-    config = train_config(p)
-    live = _live(resume, p) if _is_main_process() else None
+def fingerprint(p: Params, prepared: Prepared) -> dict:
+    """What decides the result of a run: the params that do, the prepared data, the starting weights."""
+    values = {k: getattr(p, k) for k in stage_keys("train") if k not in NOT_IN_FINGERPRINT}
+    values = {k: list(v) if isinstance(v, tuple) else v for (k, v) in values.items()}
+    values["prepared_data"] = prepared.data_hash
+    if p.checkpoint is not None:
+        values["checkpoint_weights"] = sha256_file(Path(p.checkpoint) / WEIGHTS)
+    return values
 
-    def log(metrics: dict) -> None:
-        live.step = metrics["epoch"] - 1  # after a resume, the epoch decides the step
+
+def run_dir(output_dir: str) -> Path:
+    """checkpoints/<output_dir>: the folder of the run that writes `output_dir`."""
+    path = Path(os.path.normpath(output_dir))
+    if path.is_absolute() or path.parts[0] == "..":  # outside the project: a name of its own
+        path = Path(f"{path.name}-{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:10]}")
+    return CHECKPOINTS / path
+
+
+def check_prepared(p: Params, prepared: Prepared) -> None:
+    """The prepared data must be what the params describe; else prepare is stale."""
+    again = "run `mixer prepare` (or `dvc repro`) again"
+    if p.num_classes is not None and p.num_classes != len(prepared.classes):
+        raise MixerError(f"num_classes is {p.num_classes} but {PREPARED} holds {len(prepared.classes)} classes; {again}")
+    if prepared.image_shape != p.image_shape:
+        raise MixerError(f"image_shape is {list(p.image_shape)} but {PREPARED} holds "
+                         f"{list(prepared.image_shape)} images; {again}")
+    if prepared.resize != p.resize:
+        raise MixerError(f"resize is {p.resize} but {PREPARED} was made with {prepared.resize}; {again}")
+
+
+class LiveReporter(ConsoleReporter):
+    """The console, plus dvclive's per-epoch metrics (rebuilt from the checkpoint after a resume)."""
+
+    def __init__(self, directory: Path, p: Params, bar: bool | None):
+        from dvclive import Live
+
+        super().__init__(bar)
+        self.live = Live(dir=str(directory), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
+        self.live.log_params({k: list(v) if isinstance(v, tuple) else v for (k, v) in p.for_stage("train").items()})
+
+    def start(self, state: TrainState, epochs: int, steps_per_epoch: int) -> None:
+        for metrics in state.history:  # each epoch once, whether it ran now or before a kill
+            self.log(metrics)
+        super().start(state, epochs, steps_per_epoch)
+
+    def epoch(self, metrics: dict) -> None:
+        self.log(metrics)
+        super().epoch(metrics)
+
+    def log(self, metrics: dict) -> None:
+        self.live.step = metrics["epoch"] - 1
         for (key, value) in metrics.items():
             if key != "epoch":
-                live.log_metric(key, value)
-        live.next_step()
+                self.live.log_metric(key, value)
+        self.live.next_step()
 
+    def end(self) -> None:
+        self.live.end()
+
+
+class Stop(threading.Event):
+    """Set by SIGTERM or SIGINT; remembers which."""
+
+    signum: int = 0
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Stop]:
+    """While training, SIGTERM and SIGINT ask for a checkpoint and a stop; a second one stops at once."""
+    stop = Stop()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop.signum = signum
+        stop.set()
+        print(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield stop
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return train(model, train_split, val_split, config, Path(p.output_dir), machine, resume,
-                     log if live else None, classes)
+        yield stop
     finally:
-        if live is not None:
-            live.end()
+        for (s, h) in previous.items():
+            signal.signal(s, h)
 
 
-def _live(resume: bool, p: Params):
-    from dvclive import Live
+def stop_when_dvc_dies() -> None:
+    """Under DVC, a killed `dvc repro` must not leave this run training as an orphan: ask the kernel
+    for SIGTERM (a clean checkpoint and stop) when the parent dies."""
+    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
-    live = Live(dir=str(TRAIN_LOG), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
-    live.log_params({k: list(v) if isinstance(v, tuple) else v for (k, v) in p.for_stage("train").items()})
-    return live
+
+def writable_folder(path: Path) -> None:
+    """Create `path` and prove a file can be written there, before any training."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MixerError(f"cannot write checkpoints to {path}: {exc.strerror}") from None
 
 
-def _is_main_process() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
+def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | None, bar: bool | None) -> dict:
+    p = load_params(params_file, overrides)
+    prepared = open_prepared(PREPARED)
+    check_prepared(p, prepared)
+    torch.manual_seed(p.seed)  # the initialisation: the same on every rank and every run
+    model = build_model(p, prepared.classes, prepared.resize)
+    train_split, val_split = prepared.split("train"), prepared.split("val")
+    folder = run_dir(p.output_dir)
+    main = os.environ.get("RANK", "0") == "0"
+    outputs = writing("mixer train", Path(p.output_dir), TRAIN_LOG, folder) if main else nullcontext()
+    with outputs as staging, stop_on_signals() as stop:
+        reporter = None
+        if main:
+            model_dir, live_dir = staging.dir(Path(p.output_dir)), staging.dir(TRAIN_LOG)
+            writable_folder(folder)
+            reporter = LiveReporter(live_dir, p, bar)
+        stop_when_dvc_dies()
+        try:
+            result = train(model, train_split, val_split, train_config(p), model.preprocessing, folder,
+                           fingerprint(p, prepared), replace(machine, stop=stop), resume, reporter)
+            if main:
+                save_model(result.model, model_dir)
+                reporter.end()
+        except Interrupted as exc:
+            exc.signum = stop.signum  # the CLI exits with 128 + it, as the shell does for a killed command
+            raise
+        finally:
+            if reporter is not None:
+                reporter.close()
+    return result.metrics

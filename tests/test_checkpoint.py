@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from mixer.checkpoint import import_weights, load_model, save_model
 from mixer.errors import MixerError
 from mixer.model import create_model
+from mixer.preprocess import Preprocessing
 from reference import as_flax, as_timm, mixer_forward, random_weights
 
 # image (16, 20), patch (4, 5): a 4×4 grid, so the image shape can be inferred from the weights
@@ -26,16 +27,29 @@ def weights():
 
 def test_save_and_load_round_trip(tmp_path):
     model = create_model(image_shape=(12, 12), patch_shape=(3, 3), depth=2, dim=16, num_classes=3)
+    model.class_names, model.preprocessing = ["a", "b", "c"], Preprocessing("center_crop", (0.4, 0.5, 0.6), (0.2,) * 3)
     with torch.no_grad():
         model.head.weight.normal_()
-    save_model(model, tmp_path / "m", ["a", "b", "c"])
+    save_model(model, tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert meta["class_names"] == ["a", "b", "c"] and meta["image_shape"] == [12, 12]
-    assert meta["architecture"]["gelu"] == "exact" and meta["normalization"]["mean"] == [0.5] * 3
+    assert meta["class_names"] == ["a", "b", "c"] and meta["architecture"]["image_shape"] == [12, 12]
+    assert meta["preprocessing"] == {"resize": "center_crop", "mean": [0.4, 0.5, 0.6], "std": [0.2] * 3}
     loaded = load_model(tmp_path / "m")
     assert not loaded.training
+    assert loaded.class_names == ["a", "b", "c"] and loaded.preprocessing == model.preprocessing
     x = torch.randn(2, 3, 12, 12)
     torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_a_version_1_directory_still_loads(tmp_path):
+    """Written before the preprocessing record: normalization and resize at the top level."""
+    model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=8, num_classes=2)
+    save_model(model, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["preprocessing"], meta["version"]
+    meta.update(normalization={"mean": [0.1] * 3, "std": [0.3] * 3}, resize="center_crop", image_shape=[8, 8])
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path).preprocessing == Preprocessing("center_crop", (0.1,) * 3, (0.3,) * 3)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -85,16 +99,28 @@ def test_refuses_pickled_code(tmp_path):
         import_weights(tmp_path / "evil.pth", tmp_path / "out")
 
 
-@pytest.mark.parametrize("case", ["missing", "extra", "shape", "garbage", "not_model", "no_config", "bad_json"])
+MALFORMED = {
+    "missing": "missing head.bias", "extra": "unexpected extra.weight",
+    "shape": "wrong shape head.weight (4, 8) != (3, 8)", "garbage": "not a readable weights file",
+    "not_model": "not an MLP-Mixer config", "no_config": "config.json is missing", "bad_json": "is not valid JSON",
+    "float_depth": "depth must be an integer of at least 1, got 1.0",
+    "few_names": "2 class names (2 distinct) for a model with 3 classes",
+    "no_names": "class names must be a list of strings, got 'abc'",
+    "zero_std": "normalization std must be positive, got [0.5, 0.0, 0.5]",
+    "nan_weights": "holds NaN or infinite weights (head.weight): the training that wrote it diverged",
+    "tensor_file": "is not a state dict of tensors", "not_utf8": "is not valid JSON",
+    "weights_dir": "model.safetensors is a folder, not a weights file",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_load_model_refuses_malformed_directories(tmp_path, case):
     model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=8, num_classes=3)
     save_model(model, tmp_path)
     state = {k: v.clone() for (k, v) in model.state_dict().items()}
     weights = tmp_path / "model.safetensors"
-    expected = {"missing": "missing head.bias", "extra": "unexpected extra.weight",
-                "shape": "wrong shape head.weight (4, 8) != (3, 8)", "garbage": "not a readable weights file",
-                "not_model": "not an MLP-Mixer config", "no_config": "config.json is missing",
-                "bad_json": "is not valid JSON"}[case]
+    meta = json.loads((tmp_path / "config.json").read_text())
+    expected = MALFORMED[case]
     if case == "missing":
         del state["head.bias"]
         save_file(state, str(weights))
@@ -112,6 +138,32 @@ def test_load_model_refuses_malformed_directories(tmp_path, case):
         (tmp_path / "config.json").unlink()
     elif case == "bad_json":
         (tmp_path / "config.json").write_text("{")
+    elif case == "not_utf8":
+        (tmp_path / "config.json").write_text(json.dumps(meta), encoding="utf-16")
+    elif case in ("float_depth", "few_names", "no_names", "zero_std"):
+        if case == "float_depth":
+            meta["architecture"]["depth"] = 1.0
+        elif case == "few_names":
+            meta["class_names"] = ["a", "b"]
+        elif case == "no_names":
+            meta["class_names"] = "abc"
+        else:
+            meta["preprocessing"]["std"] = [0.5, 0.0, 0.5]
+        (tmp_path / "config.json").write_text(json.dumps(meta))
+    elif case == "nan_weights":
+        state["head.weight"][0, 0] = float("nan")
+        save_file(state, str(weights))
+    elif case == "tensor_file":
+        weights.unlink()
+        torch.save(torch.zeros(3), tmp_path / "model.pth")
+        weights = tmp_path / "model.pth"
+        with pytest.raises(MixerError) as caught:
+            import_weights(weights, tmp_path / "out")
+        assert expected in str(caught.value)
+        return
+    elif case == "weights_dir":
+        weights.unlink()
+        weights.mkdir()
     with pytest.raises(MixerError) as caught:
         load_model(tmp_path)
     assert expected in str(caught.value) and "\n" not in str(caught.value)
@@ -123,3 +175,22 @@ def test_import_refuses_unknown_layouts(tmp_path):
         import_weights(tmp_path / "resnet.safetensors", tmp_path / "out")
     with pytest.raises(MixerError, match="does not exist"):
         import_weights(tmp_path / "nothing.npz", tmp_path / "out")
+    with pytest.raises(MixerError, match="is a folder, not a weights file"):
+        import_weights(tmp_path, tmp_path / "out")
+    save_file({"stem.proj.weight": torch.zeros(4, 3), "head.weight": torch.zeros(2, 4)}, str(tmp_path / "flat.safetensors"))
+    with pytest.raises(MixerError, match="not an MLP-Mixer checkpoint"):
+        import_weights(tmp_path / "flat.safetensors", tmp_path / "out")
+    save_file({k: v.contiguous() for (k, v) in as_timm(random_weights(**SHAPE)).items()} | {
+        "stem.proj.weight": torch.zeros(12, 3, 4)}, str(tmp_path / "rank.safetensors"))
+    with pytest.raises(MixerError, match="stem.weight has 3 dimensions, not 4"):
+        import_weights(tmp_path / "rank.safetensors", tmp_path / "out")
+
+
+def test_imported_directory_records_where_the_weights_came_from(tmp_path, weights):
+    import hashlib
+
+    save_file({k: v.contiguous() for (k, v) in as_timm(weights).items()}, str(tmp_path / "timm.safetensors"))
+    import_weights(tmp_path / "timm.safetensors", tmp_path / "out")
+    source = json.loads((tmp_path / "out" / "config.json").read_text())["source"]
+    assert source == {"path": str(tmp_path / "timm.safetensors"),
+                      "sha256": hashlib.sha256((tmp_path / "timm.safetensors").read_bytes()).hexdigest()}

@@ -1,20 +1,32 @@
-"""The training engine: optimizer grouping, EMA, batching across processes, determinism, resume."""
+"""The training loop: what it runs, that a run continues exactly from any checkpoint, and that it refuses
+to continue another run's."""
 
 from __future__ import annotations
+
+import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from mixer import train_state
+from mixer.augment import AugmentConfig
 from mixer.data import Split
-from mixer.engine import (Machine, TrainConfig, build_optimizer, epoch_batches, make_ema, param_groups,
-                          train)
+from mixer.engine import Every, Interrupted, Machine, Reporter, epoch_batches, train
 from mixer.errors import MixerError
 from mixer.model import create_model
+from mixer.optim import build_optimizer, make_ema, param_groups
+from mixer.preprocess import Preprocessing
+from pipeline.params import Params
+from pipeline.train import train_config
+
+PREP = Preprocessing()
 
 
-def tiny_model(classes=3):
-    return create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=2, dim=16, num_classes=classes)
+def tiny_model(classes=3, **kw):
+    torch.manual_seed(123)
+    return create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=2, dim=16, num_classes=classes, **kw)
 
 
 def tiny_split(n=48, classes=3, seed=0):
@@ -23,6 +35,201 @@ def tiny_split(n=48, classes=3, seed=0):
     images = rng.integers(0, 60, size=(n, 8, 8, 3), dtype=np.uint8)
     images[np.arange(n), labels * 2, :, :] = 255  # a learnable signal: a bright row per class
     return Split(images, labels.astype(np.int64), [f"{i}.png" for i in range(n)], [str(c) for c in range(classes)])
+
+
+def config(**kw):
+    """The committed params' run, shrunk: every field comes from params.yaml's defaults unless given."""
+    base = train_config(Params())
+    return replace(base, **{"epochs": 3, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 1, "seed": 5,
+                            "augment": AugmentConfig(), **kw})
+
+
+class Crash(Exception):
+    pass
+
+
+class Record(Reporter):
+    """Counts what the loop did; can crash the run or ask it to stop at a given optimizer step."""
+
+    def __init__(self, crash_at=None, stop_at=None, stop=None):
+        self.steps, self.epochs, self.checkpoints, self.notes = [], [], [], []
+        self.crash_at, self.stop_at, self.stop = crash_at, stop_at, stop
+        self.history_at_start = None
+
+    def start(self, state, epochs, steps_per_epoch):
+        self.history_at_start = [m["epoch"] for m in state.history]
+
+    def step(self, state, loss):
+        self.steps.append(state.step)
+        if state.step == self.crash_at:
+            raise Crash
+        if state.step == self.stop_at:
+            self.stop.set()
+
+    def epoch(self, metrics):
+        self.epochs.append(metrics["epoch"])
+
+    def checkpoint(self, state, path, size, seconds):
+        self.checkpoints.append((state.epoch, state.step_in_epoch, state.step))
+
+    def note(self, text):
+        self.notes.append(text)
+
+
+def run(folder, cfg=None, resume=None, reporter=None, every=None, stop=None, fingerprint=None, model=None):
+    model = model or tiny_model()
+    result = train(model, tiny_split(), tiny_split(12, seed=1), cfg or config(), PREP, folder,
+                   fingerprint or {"run": "test"}, Machine(checkpoint_every=every, stop=stop), resume,
+                   reporter or Record())
+    return result
+
+
+def weights(result):
+    return {k: v.clone() for (k, v) in result.model.state_dict().items()}
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# 48 images, batch 8: 6 optimizer steps per epoch; 3 epochs: 18 steps
+
+def test_same_seed_same_weights_and_the_model_learns(tmp_path):
+    a, b = run(tmp_path / "a"), run(tmp_path / "b")
+    assert max_difference(weights(a), weights(b)) == 0
+    assert a.metrics["train/accuracy"] > 0.9 and a.metrics["val/accuracy"] > 0.9
+    assert (tmp_path / "a" / "last.pt").is_file() and (tmp_path / "a" / "best" / "model.safetensors").is_file()
+    other = run(tmp_path / "c", config(seed=6))  # the control: the seed matters
+    assert max_difference(weights(a), weights(other)) > 1e-3
+
+
+AUGMENTED = dict(augment=AugmentConfig(crop_scale=(0.5, 1.0), hflip=0.5, randaugment_n=1, mixup=0.2),
+                 ema_decay=0.9)
+
+
+# 6 steps an epoch, a checkpoint every 4 steps and at each epoch's end: at steps 4, 6, 10, 12, 16, 18.
+# A crash at step 9 resumes from the end of epoch 1 (step 6); one at step 11 from inside epoch 2 (step 10).
+@pytest.mark.parametrize(("crash_at", "saved"), [(9, 6), (11, 10)])
+def test_a_crashed_run_continues_from_its_last_checkpoint_exactly(tmp_path, crash_at, saved):
+    cfg = config(**AUGMENTED)
+    straight = run(tmp_path / "straight", cfg, model=tiny_model(dropout=0.1, drop_path=0.1))
+    first = Record(crash_at=crash_at)
+    with pytest.raises(Crash):
+        run(tmp_path / "part", cfg, reporter=first, every=Every(steps=4), model=tiny_model(dropout=0.1, drop_path=0.1))
+    assert [c[2] for c in first.checkpoints] == [4, 6, 10][: 2 + (crash_at > 10)]
+    assert first.steps[-1] == crash_at
+    again = Record()
+    resumed = run(tmp_path / "part", cfg, reporter=again, every=Every(steps=4),
+                  model=tiny_model(dropout=0.1, drop_path=0.1))
+    assert again.steps == list(range(saved + 1, 19))  # it continued: only the remaining steps ran
+    assert any(n.startswith("continuing from") for n in again.notes)
+    assert again.history_at_start == list(range(1, saved // 6 + 1))  # finished epochs came from the checkpoint
+    assert max_difference(weights(straight), weights(resumed)) <= 1e-6
+    assert [m["epoch"] for m in resumed.state.history] == [1, 2, 3]
+    for (x, y) in zip(straight.state.history, resumed.state.history):  # the epochs' metrics too, not the speed
+        assert {k: v for (k, v) in x.items() if k != "images_per_second"} == pytest.approx(
+            {k: v for (k, v) in y.items() if k != "images_per_second"}, abs=1e-6)
+
+
+def test_the_checkpoint_is_what_a_resume_continues_from(tmp_path):
+    """Deterministic code could reach the same weights by starting over; a perturbed checkpoint shows it
+    does not."""
+    cfg = config()
+    straight = run(tmp_path / "straight", cfg)
+    with pytest.raises(Crash):
+        run(tmp_path / "part", cfg, reporter=Record(crash_at=8), every=Every(steps=4))
+    payload = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    payload["model"]["head.bias"] += 0.5
+    torch.save(payload, tmp_path / "part" / "last.pt")
+    resumed = run(tmp_path / "part", cfg)
+    assert max_difference(weights(straight), weights(resumed)) > 1e-3
+
+
+def test_stop_request_checkpoints_at_that_step_and_the_run_continues(tmp_path):
+    cfg = config(**AUGMENTED)
+    straight = run(tmp_path / "straight", cfg)
+    stop = threading.Event()
+    first = Record(stop_at=9, stop=stop)
+    with pytest.raises(Interrupted) as caught:
+        run(tmp_path / "part", cfg, reporter=first, stop=stop)
+    assert first.steps[-1] == 9 and caught.value.state.step == 9 and first.checkpoints[-1] == (1, 3, 9)
+    again = Record()
+    resumed = run(tmp_path / "part", cfg, reporter=again)
+    assert again.steps[0] == 10
+    assert max_difference(weights(straight), weights(resumed)) <= 1e-6
+
+
+def test_another_runs_checkpoint_is_never_loaded_silently(tmp_path):
+    run(tmp_path / "run", config(lr=3e-3), fingerprint={"lr": 3e-3})
+    with pytest.raises(MixerError, match="cannot resume: .* is of another run \\(lr 0.003 → 0.001\\)"):
+        run(tmp_path / "run", config(lr=1e-3), resume=True, fingerprint={"lr": 1e-3})
+    fresh = Record()
+    run(tmp_path / "run", config(lr=1e-3), reporter=fresh, fingerprint={"lr": 1e-3})
+    assert fresh.steps[0] == 1 and "starting a new run" in fresh.notes[0] and "lr 0.003 → 0.001" in fresh.notes[0]
+
+
+def test_resume_without_a_checkpoint_starts_over_with_a_note(tmp_path):
+    record = Record()
+    run(tmp_path / "new", resume=True, reporter=record)
+    assert record.steps[0] == 1 and record.notes == [f"no checkpoint at {tmp_path / 'new' / 'last.pt'}: "
+                                                     "starting from scratch"]
+
+
+def test_a_finished_run_is_not_trained_again_unless_asked(tmp_path):
+    first = run(tmp_path / "run")
+    again = Record()
+    second = run(tmp_path / "run", reporter=again)
+    assert again.steps == [] and "complete" in again.notes[0]
+    assert max_difference(weights(first), weights(second)) == 0
+    over = Record()
+    run(tmp_path / "run", resume=False, reporter=over)
+    assert len(over.steps) == 18
+
+
+def test_leftovers_of_an_interrupted_write_are_removed(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    run(folder, config(epochs=1))
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_an_unreadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MixerError, match="is not a readable checkpoint"):
+        run(tmp_path / "run")
+
+
+def test_divergence_stops_the_run(tmp_path):
+    with pytest.raises(MixerError, match="training diverged at epoch 1, step .*: the loss is nan; lower lr"):
+        run(tmp_path / "run", config(lr=1e30, clip_grad=0.0, optimizer="sgd", warmup_epochs=0))
+
+
+def test_batch_larger_than_data_is_a_clear_error(tmp_path):
+    with pytest.raises(MixerError, match="exceeds the 48 training images"):
+        run(tmp_path, config(batch_size=64))
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    base = dict(lr=0.05, optimizer="sgd", warmup_epochs=0, clip_grad=0.0, epochs=2)
+    big = run(tmp_path / "16", config(batch_size=16, **base))
+    small = run(tmp_path / "8x2", config(batch_size=8, grad_accum=2, **base))
+    assert max_difference(weights(big), weights(small)) <= 1e-5
+    alone = run(tmp_path / "8", config(batch_size=8, **base))  # the control: more, smaller steps differ
+    assert max_difference(weights(big), weights(alone)) > 1e-3
+
+
+def test_two_processes_see_what_one_sees_with_twice_the_batch():
+    one = epoch_batches(100, 8, seed=3, epoch=2, rank=0, world=1)
+    r0 = epoch_batches(100, 4, seed=3, epoch=2, rank=0, world=2)
+    r1 = epoch_batches(100, 4, seed=3, epoch=2, rank=1, world=2)
+    assert len(one) == len(r0) == len(r1) == 12
+    for (a, b, c) in zip(one, r0, r1):
+        assert list(a) == list(b) + list(c)
+    every = np.concatenate(one)
+    assert len(set(every)) == len(every) == 96  # each image at most once; the partial batch dropped
+    assert list(epoch_batches(100, 4, 3, 3, 0, 2)[0]) != list(r0[0])  # reshuffled each epoch
 
 
 def test_no_weight_decay_on_norms_and_biases():
@@ -38,12 +245,12 @@ def test_no_weight_decay_on_norms_and_biases():
 
 def test_optimizers_follow_the_params():
     model = tiny_model()
-    sgd = build_optimizer(model, TrainConfig(optimizer="sgd", momentum=0.8, lr=0.1))
+    sgd = build_optimizer(model, "sgd", lr=0.1, momentum=0.8, weight_decay=0.0)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
-    adamw = build_optimizer(model, TrainConfig(optimizer="adamw", momentum=0.9, lr=0.1))
+    adamw = build_optimizer(model, "adamw", lr=0.1, momentum=0.9, weight_decay=0.0)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.999)
     with pytest.raises(MixerError):
-        build_optimizer(model, TrainConfig(optimizer="lion"))
+        build_optimizer(model, "lion", lr=0.1, momentum=0.9, weight_decay=0.0)
 
 
 def test_ema_update_matches_the_formula():
@@ -64,81 +271,28 @@ def test_ema_update_matches_the_formula():
     assert make_ema(model, 0.0) is None
 
 
-def test_two_processes_see_what_one_sees_with_twice_the_batch():
-    one = epoch_batches(100, TrainConfig(batch_size=8, seed=3), epoch=2, rank=0, world=1)
-    config = TrainConfig(batch_size=4, seed=3)
-    r0 = epoch_batches(100, config, epoch=2, rank=0, world=2)
-    r1 = epoch_batches(100, config, epoch=2, rank=1, world=2)
-    assert len(one) == len(r0) == len(r1) == 12
-    for (a, b, c) in zip(one, r0, r1):
-        assert list(a) == list(b) + list(c)
-    every = np.concatenate(one)
-    assert len(set(every)) == len(every) == 96  # each image at most once; the partial batch dropped
-    assert list(epoch_batches(100, config, 3, 0, 2)[0]) != list(r0[0])  # reshuffled each epoch
+@pytest.mark.parametrize(("text", "every"), [("500", Every(steps=500)), ("90s", Every(seconds=90.0)),
+                                             ("10m", Every(seconds=600.0)), ("1.5h", Every(seconds=5400.0))])
+def test_checkpoint_intervals(text, every):
+    assert Every.parse(text) == every
 
 
-def test_batch_larger_than_data_is_a_clear_error(tmp_path):
-    with pytest.raises(MixerError, match="exceeds the 48 training images"):
-        train(tiny_model(), tiny_split(), tiny_split(12), TrainConfig(batch_size=64, epochs=1), tmp_path,
-              Machine(progress=False))
+@pytest.mark.parametrize("text", ["0", "-5", "10x", "1.5", "", "m"])
+def test_bad_checkpoint_intervals(text):
+    with pytest.raises(MixerError, match="--checkpoint-every must be"):
+        Every.parse(text)
 
 
-class Crash(Exception):
-    pass
+def test_time_based_checkpoints_happen_inside_epochs(tmp_path):
+    record = Record()
+    run(tmp_path / "run", config(epochs=1), reporter=record, every=Every(seconds=0.001))  # each step takes longer
+    assert record.checkpoints == [(0, k, k) for k in range(1, 6)] + [(1, 0, 6)]
 
 
-def run(tmp_path, epochs, resume=False, crash_after=None, **kw):
-    config = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, optimizer="adamw", warmup_epochs=1,
-                         seed=5, **kw)
-    torch.manual_seed(123)  # the model's initialisation
-
-    def logger(metrics):  # called once an epoch's checkpoint is on disk
-        if metrics["epoch"] == crash_after:
-            raise Crash
-
-    model = tiny_model()
-    metrics = train(model, tiny_split(), tiny_split(12, seed=1), config, tmp_path, Machine(progress=False),
-                    resume, logger)
-    return model, metrics
-
-
-def test_same_seed_same_weights_and_the_model_learns(tmp_path):
-    a, metrics = run(tmp_path / "a", 4)
-    b, _ = run(tmp_path / "b", 4)
-    for (x, y) in zip(a.state_dict().values(), b.state_dict().values()):
-        assert torch.equal(x, y)
-    assert metrics["train/accuracy"] > 0.9
-    assert (tmp_path / "a" / "model.safetensors").is_file() and (tmp_path / "a" / "config.json").is_file()
-    assert (tmp_path / "a" / "checkpoints" / "last.pt").is_file()
-    assert (tmp_path / "a" / "checkpoints" / "best.pt").is_file()
-
-
-def test_resume_replays_the_rest_of_the_run_exactly(tmp_path):
-    from mixer.augment import AugmentConfig
-
-    kw = dict(augment=AugmentConfig(crop_scale=(0.5, 1.0), mixup=0.2), ema_decay=0.9)
-    full, _ = run(tmp_path / "full", 3, **kw)
+def test_checkpoint_file_holds_the_fingerprint_and_position(tmp_path):
     with pytest.raises(Crash):
-        run(tmp_path / "part", 3, crash_after=2, **kw)
-    resumed, metrics = run(tmp_path / "part", 3, resume=True, **kw)
-    assert metrics["epoch"] == 3
-    for (x, y) in zip(full.state_dict().values(), resumed.state_dict().values()):
-        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
-
-
-def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(MixerError, match="cannot resume: no checkpoint"):
-        run(tmp_path, 1, resume=True)
-
-
-def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
-    base = dict(epochs=2, lr=0.05, optimizer="sgd", warmup_epochs=0, seed=2, clip_grad=0.0)
-    results = []
-    for (batch, accum) in ((16, 1), (8, 2)):
-        torch.manual_seed(0)
-        model = tiny_model()
-        train(model, tiny_split(), tiny_split(12, seed=1), TrainConfig(batch_size=batch, grad_accum=accum, **base),
-              tmp_path / f"{batch}", Machine(progress=False))
-        results.append(model.state_dict())
-    for key in results[0]:
-        torch.testing.assert_close(results[0][key], results[1][key], atol=1e-5, rtol=0)
+        run(tmp_path / "run", reporter=Record(crash_at=10), every=Every(steps=3), fingerprint={"depth": 2})
+    payload = train_state.read(tmp_path / "run")
+    assert payload["fingerprint"] == {"depth": 2, "global_batch": 8}
+    assert payload["position"] == {"epoch": 1, "step_in_epoch": 3, "step": 9}
+    assert [m["epoch"] for m in payload["history"]] == [1]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +14,7 @@ from typer.testing import CliRunner
 
 from mixer.checkpoint import load_model, save_model
 from mixer.data import decode
-from mixer.engine import normalize, standardize
+from mixer.preprocess import to_float
 from mixer.errors import MixerError
 from mixer.inference import export_onnx, list_images, predict_files
 from mixer.model import create_model
@@ -24,7 +27,8 @@ def model_dir(tmp_path):
     model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=16, num_classes=6)
     with torch.no_grad():
         model.head.weight.normal_()  # a trained-looking head, so predictions differ between images
-    save_model(model, tmp_path / "model", ["ant", "bee", "cat", "dog", "eel", "fox"])
+    model.class_names = ["ant", "bee", "cat", "dog", "eel", "fox"]
+    save_model(model, tmp_path / "model")
     return tmp_path / "model"
 
 
@@ -42,8 +46,8 @@ def images(tmp_path):
 
 def test_predict_matches_the_evaluation_path_and_keeps_going_past_a_bad_image(model_dir, images):
     model = load_model(model_dir)
-    files = list_images([images])
-    assert [f.name for f in files] == ["a.png", "broken.png", "c.PNG", "b.jpg"]
+    files, skipped = list_images([images])
+    assert [f.name for f in files] == ["a.png", "broken.png", "c.PNG", "b.jpg"] and skipped == []
     table = predict_files(model, files, top_k=3)
     assert list(table["path"]) == [str(f) for f in files]
     broken = table[table["path"].str.endswith("broken.png")].iloc[0]
@@ -53,9 +57,10 @@ def test_predict_matches_the_evaluation_path_and_keeps_going_past_a_bad_image(mo
     for row in good.itertuples():
         array, _ = decode(row.path, (8, 8))
         with torch.inference_mode():
-            expected = torch.softmax(model(standardize(normalize(torch.from_numpy(array[None])))), 1)[0]
+            x = (to_float(torch.from_numpy(array[None].copy())) - 0.5) / 0.5  # the paper's normalisation
+            expected = torch.softmax(model(x), 1)[0]
         top = expected.topk(3)
-        assert [row.label_1, row.label_2, row.label_3] == [model.meta["class_names"][i] for i in top.indices]
+        assert [row.label_1, row.label_2, row.label_3] == [model.class_names[i] for i in top.indices]
         assert row.prob_1 == pytest.approx(top.values[0].item(), abs=1e-6)
         assert row.prob_1 >= row.prob_2 >= row.prob_3
 
@@ -77,6 +82,38 @@ def test_predict_errors(model_dir, tmp_path):
         list_images([tmp_path / "empty"])
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "nope.png"), "--model", str(model_dir)])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.timeout(30)
+def test_predict_survives_hostile_file_names_and_special_files(model_dir, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    names = ["[bold red]x.png", "a[/b]c.png", "$x$.png", "new\nline.png"]  # a[ is a folder: the path holds [/b]
+    (folder / "a[").mkdir()
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(folder / name)
+    os.mkfifo(folder / "pipe.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "loop").symlink_to(".")
+    result = CliRunner(env={"COLUMNS": "1000"}).invoke(app, ["predict", str(folder), str(folder / "pipe.png"),
+                                                             "--model", str(model_dir), "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    for name in ("[bold red]x.png", "a[/b]c.png"):  # shown as written, not taken as markup
+        assert name in result.output.replace("\n", "")
+    table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    errors = dict(zip(table["path"].map(lambda p: p.removeprefix(str(folder) + "/")), table["error"]))
+    assert errors["pipe.png"] == "not a regular file (FIFO)" and errors["zero.png"].startswith("not a regular file")
+    assert errors["loop"].startswith("link to a folder already scanned")
+    assert all(errors[n] == "" for n in names)
+
+
+@pytest.mark.parametrize("out", ["dir", "under_a_file"])
+def test_predict_out_that_cannot_be_written_is_one_line(model_dir, images, tmp_path, out):
+    target = tmp_path if out == "dir" else tmp_path / "file.txt" / "p.csv"
+    (tmp_path / "file.txt").write_text("x")
+    result = CliRunner().invoke(app, ["predict", str(images), "--model", str(model_dir), "--out", str(target)])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
 
 
 def test_onnx_export_parity_and_dynamic_batch(model_dir):

@@ -128,6 +128,7 @@ def test_patch_embedding_equals_the_strided_conv(image, patch):
 
 def test_reset_head_for_fine_tuning():
     model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=8, num_classes=3)
-    model.reset_head(11)
+    model.reset_head([f"c{i}" for i in range(11)])
     assert model.config.num_classes == 11 and model(torch.randn(1, 3, 8, 8)).shape == (1, 11)
+    assert model.class_names == [f"c{i}" for i in range(11)]
     assert torch.count_nonzero(model.head.weight) == 0

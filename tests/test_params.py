@@ -34,18 +34,26 @@ def test_original_preset_holds_the_original_defaults():
     assert (p.num_steps, p.warmup_step, p.scheduler, p.optimizer) == (30, 10, "cosine", "sgd")
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["check", "prepare", "train", "evaluate"])
 def test_dvc_yaml_lists_exactly_the_params_each_stage_reads(stage):
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert dvc["stages"][stage]["params"] == stage_keys(stage)
 
 
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+def test_every_stage_waits_for_the_params_check(stage):
+    """DVC orders stages by their files: the check's output must be a dependency of every other stage."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    check = [next(iter(o)) if isinstance(o, dict) else o for o in dvc["stages"]["check"]["outs"]]
+    assert check == ["reports/params-check.txt"] and "reports/params-check.txt" in dvc["stages"][stage]["deps"]
+
+
 # imported by a stage, but its outputs cannot depend on them: prepare reads the variant names from
 # mixer.model only to validate params.yaml
-NOT_DEPS = {"prepare": {"mixer/model.py", "mixer/fused.py"}}
+NOT_DEPS = {"prepare": {"mixer/model.py"}}
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["check", "prepare", "train", "evaluate"])
 def test_dvc_yaml_lists_the_code_each_stage_imports(stage):
     """A change to any module a stage runs re-runs that stage (dvc repro would be stale otherwise)."""
     script = (f"import sys, pipeline.{stage}; print('\\n'.join(m.__file__ for (n, m) in sys.modules.items() "
@@ -101,6 +109,8 @@ BAD = [
     ({"strict": "yes"}, "strict must be true or false, got 'yes'"),
     ({"data": ""}, "data must be a non-empty string, got ''"),
     ({"token_hidden": 0}, "token_hidden must be at least 1 or null"),
+    ({"seed": -1}, "seed must be in 0 .. 2**32 - 1, got -1"),
+    ({"seed": 2**32}, "seed must be in 0 .. 2**32 - 1, got 4294967296"),
 ]
 
 
@@ -132,9 +142,24 @@ def test_unknown_and_missing_keys(tmp_path):
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(MixerError, match="does not exist"):
         load_params(tmp_path / "nope.yaml")
-    (tmp_path / "bad.yaml").write_text("depth: [1, 2\n")
-    with pytest.raises(MixerError, match="is not valid YAML"):
+    (tmp_path / "bad.yaml").write_text("seed: 0\ndepth: [1, 2\n")
+    with pytest.raises(MixerError, match="bad.yaml, line 3, column 1: not valid YAML"):
         load_params(tmp_path / "bad.yaml")
+    (tmp_path / "twice.yaml").write_text("seed: 0\nlr: 1.0e-3\nseed: 1\n")
+    with pytest.raises(MixerError, match="line 3, column 1: not valid YAML \\(key 'seed' is given twice \\(first on "
+                                         "line 1\\)\\)"):
+        load_params(tmp_path / "twice.yaml")
+    (tmp_path / "nested.yaml").write_text("image_shape: {a: 1, a: 2}\n")
+    with pytest.raises(MixerError, match="key 'a' is given twice"):
+        load_params(tmp_path / "nested.yaml")
+    (tmp_path / "keys.yaml").write_text("1: a\nx: b\n")
+    with pytest.raises(MixerError, match="unknown key '1'"):
+        load_params(tmp_path / "keys.yaml")
+    with pytest.raises(MixerError, match="is a folder; give a params file"):
+        load_params(tmp_path)
+    (tmp_path / "utf16.yaml").write_text("seed: 0\n", encoding="utf-16")
+    with pytest.raises(MixerError, match="is not UTF-8 text; save it as UTF-8"):
+        load_params(tmp_path / "utf16.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(MixerError, match="must be a mapping"):
         load_params(tmp_path / "list.yaml")

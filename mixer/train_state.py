@@ -1,0 +1,110 @@
+"""The resumable state of a training run: `last.pt` in the run's checkpoint folder.
+
+One file holds everything a run needs to continue exactly: weights, optimizer, schedule and EMA,
+the position (epoch and optimizer step within it), the per-epoch history and the running sums of
+the epoch in progress. No random state: the loop draws every batch's randomness from its position.
+Each checkpoint records the run's fingerprint (what decides its result); a checkpoint of another
+run is never loaded. Files are written to a temporary name and renamed, and read back with
+`torch.load(weights_only=True)`, so nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mixer.checkpoint import atomic_write
+from mixer.errors import MixerError
+
+LAST = "last.pt"
+BEST = "best"  # a model directory: the weights of the epoch with the best val accuracy
+FORMAT = 2
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, besides the tensors."""
+
+    fingerprint: dict
+    epoch: int = 0               # epochs completed
+    step_in_epoch: int = 0       # optimizer steps done in the epoch in progress
+    step: int = 0                # optimizer steps done in all
+    best_accuracy: float = -1.0
+    history: list[dict] = field(default_factory=list)  # one row of metrics per completed epoch
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, correct, images so far this epoch
+
+
+def differences(saved: dict, wanted: dict) -> list[str]:
+    """`key old → new` for every key on which two fingerprints differ."""
+    keys = sorted(set(saved) | set(wanted))
+    return [f"{k} {_short(saved.get(k))} → {_short(wanted.get(k))}" for k in keys if saved.get(k) != wanted.get(k)]
+
+
+def _short(value) -> str:
+    text = "(none)" if value is None else str(value)
+    return text if len(text) <= 20 else text[:12] + "…"
+
+
+def save(directory: Path, state: TrainState, model, optimizer, scheduler, ema) -> tuple[Path, int, float]:
+    """Write `last.pt` atomically; returns its path, size in bytes and seconds taken."""
+    started = time.perf_counter()
+    payload = {
+        "format": FORMAT,
+        "fingerprint": state.fingerprint,
+        "position": {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "step": state.step},
+        "best_accuracy": state.best_accuracy,
+        "history": state.history,
+        "sums": list(state.sums),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+    }
+    path = Path(directory) / LAST
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path, path.stat().st_size, time.perf_counter() - started
+
+
+def read(directory: Path) -> dict | None:
+    """The payload of `last.pt`, or None if there is none; a file that is not one is an error."""
+    path = Path(directory) / LAST
+    if not path.exists():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise MixerError(f"{path} is not a readable checkpoint ({type(exc).__name__}); delete it, or train "
+                         "with --no-resume to start over") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise MixerError(f"{path} is not a checkpoint of this version of mixer; delete it, or train with "
+                         "--no-resume to start over")
+    return payload
+
+
+def restore(payload: dict, path: Path, model, optimizer, scheduler, ema) -> TrainState:
+    """Load a payload read by `read` into the run's objects (whose fingerprint it matches)."""
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(payload["ema"])
+        position = payload["position"]
+        return TrainState(payload["fingerprint"], position["epoch"], position["step_in_epoch"], position["step"],
+                          payload["best_accuracy"], payload["history"], list(payload["sums"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise MixerError(f"{path} does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                         "delete it, or train with --no-resume to start over") from None
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Delete what an interrupted write left behind (`.last.pt.*.tmp` and the like)."""
+    leftovers = sorted(Path(directory).glob(".*.tmp")) + sorted(Path(directory, BEST).glob(".*.tmp"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers

@@ -1,0 +1,30 @@
+"""Stage `check`: every params key, and the paths the params name, before any other stage runs.
+
+DVC removes a stage's outputs before running its command, so a bad value found by `train` itself
+would come too late: the previous model and learning curves would already be gone. Every stage
+depends on this one's output, whose content never changes: when params.yaml changes, this stage
+runs first, and stops `dvc repro` with one line if something is wrong; when it passes, DVC still
+re-runs only the stages whose own params changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mixer.checkpoint import atomic_write, describe
+from mixer.errors import MixerError
+from pipeline.params import load_params
+from pipeline.paths import PARAMS_CHECKED
+
+CHECKED = "params.yaml passed `mixer check` (its content never changes; DVC stages depend on it)\n"
+
+
+def run(params_file: Path, overrides: dict) -> None:
+    p = load_params(params_file, overrides)
+    data = Path(p.data)
+    if p.data != "digits" and not (data.is_dir() or data.suffix.lower() == ".csv" and data.is_file()):
+        raise MixerError(f"{params_file}: data {p.data} is neither 'digits', a folder, nor a CSV file")
+    if p.checkpoint is not None:
+        describe(Path(p.checkpoint))
+    atomic_write(PARAMS_CHECKED, lambda tmp: tmp.write_text(CHECKED))
+    print(f"{params_file}: every key is valid; data {p.data}; checkpoint {p.checkpoint or 'none'}")
