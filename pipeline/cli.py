@@ -74,7 +74,9 @@ def stage_command(stage: str, name: str | None = None):
     keys = stage_keys(stage) + [f.name for f in fields(Params) if f.name not in stage_keys(stage)]
 
     def decorate(func):
-        own = [p for p in inspect.signature(func).parameters.values() if p.name != "overrides"]
+        hints = typing.get_type_hints(func, include_extras=True)  # evaluated: Typer reads help and envvar there
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(func).parameters.values()
+               if p.name != "overrides"]
 
         @functools.wraps(func)
         def command(**kwargs):

@@ -161,18 +161,24 @@ class Stop(threading.Event):
 
 @contextmanager
 def stop_on_signals() -> Iterator[Stop]:
-    """While training, SIGTERM and SIGINT ask for a checkpoint and a stop; a second one stops at once."""
+    """While training, SIGTERM and SIGINT ask for a checkpoint and a stop.
+
+    A second Ctrl-C stops at once; a second SIGTERM changes nothing (a preempted machine, or DVC
+    dying beside us, may send several; the grace period ends with SIGKILL anyway).
+    """
     stop = Stop()
 
     def handler(signum, frame):
         if stop.is_set():
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            if signum == signal.SIGINT:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
             return
         stop.signum = signum
         stop.set()
-        print(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        print(f"{signal.Signals(signum).name}: finishing this step and writing a checkpoint{again}",
+              file=sys.stderr, flush=True)
 
     if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
         yield stop

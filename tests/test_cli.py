@@ -40,6 +40,8 @@ def test_train_help_lists_every_original_flag_in_both_spellings(runner):
         if "_" in flag:
             assert f"--{flag}" in result.output
     assert "original train.py: 256 256" in result.output  # each default is stated
+    flat = " ".join(result.output.replace("│", " ").split())
+    assert "keep 'no' on CPU" in flat and "[env var: MIXER_CHECKPOINT_EVERY]" in flat  # the command's own options
 
 
 def test_prepare_train_evaluate_with_original_spellings(runner, project):

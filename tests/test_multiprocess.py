@@ -1,4 +1,5 @@
-"""Real launchers and real crashes: torchrun / accelerate launch data-parallel on CPU, SIGKILL + --resume."""
+"""Real launchers, real signals: torchrun / accelerate launch data-parallel on CPU; SIGKILL and SIGTERM,
+then the same command again continues the run."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_image_folder, write_params
+from conftest import ROOT, make_image_folder, write_params
 from test_e2e import ok, tool_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+MIXER = str(BIN / "mixer")
 COMMON = ["--depth", "1", "--dim", "16", "--warmup-step", "0", "--crop-scale", "1", "1", "--no-progress"]
+SGD = ["--optimizer", "sgd", "--lr", "0.05", "--num-steps", "2"]
 
 
 def free_port() -> str:
@@ -34,7 +38,7 @@ def project(tmp_path_factory) -> Path:
     make_image_folder(root / "images", {"a": 60, "b": 60, "c": 60}, size=(8, 8))
     write_params(root / "params.yaml", data=str(root / "images"), image_shape=[8, 8], patch_shape=[2, 2],
                  num_classes=3)
-    ok([str(BIN / "mixer"), "prepare", "--workers", "1"], root)
+    ok([MIXER, "prepare", "--workers", "1"], root)
     return root
 
 
@@ -47,60 +51,114 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-SGD = ["--optimizer", "sgd", "--lr", "0.05", "--num-steps", "2"]
+def launcher(kind: str) -> list[str]:
+    if kind == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), MIXER]
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+            free_port(), MIXER]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(project, launcher):
-    mixer = str(BIN / "mixer")
-    out = f"two_{launcher}"
-    if launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), mixer]
-    else:
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", free_port(), mixer]
-    ok(cmd + ["train", *COMMON, *SGD, "--batch-size", "8", "--output-dir", out], project)
-    ok([mixer, "train", *COMMON, *SGD, "--batch-size", "16", "--output-dir", "one"], project)
-    ok([mixer, "train", *COMMON, *SGD, "--batch-size", "8", "--output-dir", "one_small"], project)
+@pytest.mark.parametrize("kind", ["torchrun", "accelerate"])
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(project, kind):
+    out = f"two_{kind}"
+    ok(launcher(kind) + ["train", *COMMON, *SGD, "--batch-size", "8", "--output-dir", out], project)
+    ok([MIXER, "train", *COMMON, *SGD, "--batch-size", "16", "--output-dir", "one"], project)
+    ok([MIXER, "train", *COMMON, *SGD, "--batch-size", "8", "--output-dir", "one_small"], project)
     one, two = weights(project / "one"), weights(project / out)
     assert max_difference(one, two) <= 1e-5
     # and the comparison can fail: one process with batch b takes other steps
     assert max_difference(one, weights(project / "one_small")) > 1e-3
 
 
-def read_until(process: subprocess.Popen, text: str, count: int = 1) -> None:
-    seen = 0
+def lines_until(process: subprocess.Popen, text: str, seen: list[str]) -> str:
+    """Read the process's output until a line holds `text`; every line read is kept in `seen`."""
     for line in process.stdout:
+        seen.append(line)
         if text in line:
-            seen += 1
-            if seen == count:
-                return
-    raise AssertionError(f"the run ended before printing {text!r} {count} time(s)")
+            return line
+    raise AssertionError(f"the run ended before printing {text!r}:\n{''.join(seen)}")
 
 
-def test_sigkill_mid_epoch_and_during_a_checkpoint_write_then_resume(project):
-    mixer = str(BIN / "mixer")
-    args = [mixer, "train", *COMMON, "--batch-size", "2", "--num-steps", "5", "--ema-decay", "0.9",
-            "--crop-scale", "0.6", "1.0", "--mixup", "0.2", "--output-dir"]
-    ok(args + ["straight"], project)
+# 180 images: 126 train (per class 42 of 60), batch 4: 31 optimizer steps an epoch, 124 in all. A checkpoint
+# every 7 steps and at each epoch's end: steps 7, 14, 21, 28, 31, 38, ...
+RUN = ["train", *COMMON, "--batch-size", "4", "--num-steps", "4", "--ema-decay", "0.9", "--crop-scale", "0.6", "1.0",
+       "--mixup", "0.2", "--dropout", "0.1", "--checkpoint-every", "7"]
+
+
+def start(args: list[str], project: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=project, env=env or tool_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def epochs_logged(project: Path) -> list[str]:
+    """The steps of dvclive's learning-curve TSV: each epoch must appear once, in order."""
+    rows = (project / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert rows[0] == "step\tloss"
+    return [row.split("\t")[0] for row in rows[1:]]
+
+
+def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path):
+    """SIGKILL inside a checkpoint write, SIGKILL after a mid-epoch checkpoint, SIGTERM: each time the same
+    command continues from the last checkpoint, and the weights equal an uninterrupted run's."""
+    ok([MIXER, *RUN, "--output-dir", "straight"], project)
+    args = [MIXER, *RUN, "--output-dir", "crashed"]
+    checkpoints = project / "checkpoints" / "crashed"
 
     env = tool_env()
-    env["MIXER_TEST_PAUSE_SAVE_AT_EPOCH"] = "2"  # pause inside the write: temp file there, not renamed
-    run = subprocess.Popen(args + ["crashed"], cwd=project, env=env, stdout=subprocess.PIPE, text=True)
-    read_until(run, "saving checkpoint of epoch 2")
-    os.kill(run.pid, signal.SIGKILL)
+    env["PYTHONPATH"] = str(ROOT / "tests" / "hooks")
+    env["MIXER_TEST_PAUSE_IN_WRITE"] = str(tmp_path / "writing")
+    run = start(args, project, env)
+    while not (tmp_path / "writing").exists():
+        assert run.poll() is None, run.stdout.read()
+        time.sleep(0.02)
+    run.kill()
     run.wait()
-    leftovers = list((project / "crashed" / "checkpoints").glob(".last.pt.*.tmp"))
-    assert leftovers, "the kill should have hit the write"
+    assert Path((tmp_path / "writing").read_text()).exists(), "killed inside the write: its temporary file is there"
+    assert not (checkpoints / "last.pt").exists()
 
-    run = subprocess.Popen(args + ["crashed", "--resume"], cwd=project, env=tool_env(), stdout=subprocess.PIPE,
-                           text=True)
-    read_until(run, "epoch 3:")
-    time.sleep(0.1)  # into epoch 4
-    os.kill(run.pid, signal.SIGKILL)
+    seen: list[str] = []
+    run = start(args, project)
+    lines_until(run, "checkpoint: step 14 (epoch 1)", seen)
+    run.kill()
     run.wait()
+    assert not any(p.name.endswith(".tmp") for p in checkpoints.iterdir())  # the next run removed the leftover
+    assert not any("continuing" in line for line in seen)  # nothing to continue from: it started over
+    assert torch.load(checkpoints / "last.pt", weights_only=True)["position"]["step"] == 14
 
-    ok(args + ["crashed", "--resume"], project)
+    seen = []
+    run = start(args, project)
+    assert "continuing from checkpoints/crashed/last.pt: epoch 1, step 14" in lines_until(run, "continuing", seen)
+    lines_until(run, "checkpoint: step 38 (epoch 2)", seen)
+    run.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    rest = run.communicate(timeout=30)[0]
+    assert time.monotonic() - started < 5 and run.returncode == 128 + signal.SIGTERM
+    stop = next(line for line in rest.splitlines() if line.startswith("stopped by SIGTERM: stopped at epoch 2, step "))
+    step = int(stop.split("step ")[1].split(";")[0])
+    assert 38 < step < 62
+    assert not (project / "crashed" / "model.safetensors").exists()  # no model from an unfinished run
+
+    log = ok(args, project)
+    assert f"continuing from checkpoints/crashed/last.pt: epoch 2, step {step}" in log
     assert max_difference(weights(project / "straight"), weights(project / "crashed")) <= 1e-6
-    payload = torch.load(project / "crashed" / "checkpoints" / "last.pt", weights_only=True)
-    assert payload["epoch"] == 5 and [m["epoch"] for m in payload["history"]] == [1, 2, 3, 4, 5]
+    assert epochs_logged(project) == ["0", "1", "2", "3"]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_continues(project):
+    ok([MIXER, "train", *COMMON, *SGD, "--batch-size", "8", "--output-dir", "ddp_straight"], project)
+    train_args = ["train", *COMMON, *SGD, "--batch-size", "4", "--output-dir", "ddp", "--checkpoint-every", "3"]
+    seen: list[str] = []
+    run = start(launcher("torchrun") + train_args, project)
+    lines_until(run, "checkpoint: step 6 ", seen)
+    ranks = [p for p in psutil.Process(run.pid).children(recursive=True) if "mixer" in " ".join(p.cmdline())]
+    rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGTERM)
+    rest = run.communicate(timeout=60)[0]
+    stops = [line for line in seen + rest.splitlines() if line.startswith("stopped by")]
+    assert len(stops) == 2, rest  # both ranks stopped, each saying where
+    assert {line.split(": ")[0] for line in stops} == {"stopped by SIGTERM", "stopped by request"}
+    positions = {line.split("stopped at ")[1].split(";")[0] for line in stops}
+    assert len(positions) == 1, stops  # at the same step
+    log = ok(launcher("torchrun") + train_args, project)
+    assert f"continuing from checkpoints/ddp/last.pt: {positions.pop()}" in log
+    assert max_difference(weights(project / "ddp_straight"), weights(project / "ddp")) <= 1e-5
