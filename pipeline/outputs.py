@@ -79,10 +79,14 @@ class Staging:
 
 @contextmanager
 def writing(command: str, *targets: Path) -> Iterator[Staging]:
-    """Hold the lock of every target for `command`, clean up after killed writers, stage, then commit."""
+    """Hold the lock of every target for `command`, clean up after killed writers, stage, then commit.
+
+    Locks are taken in the order given (the main output first, so a clash names it) and never waited
+    for, so two commands cannot deadlock.
+    """
     held = []
     try:
-        for target in sorted({Path(t).resolve() for t in targets}):
+        for target in dict.fromkeys(Path(t).resolve() for t in targets):
             held.append(_lock(target, command))
             _recover(target)
         staging = Staging()
@@ -118,11 +122,11 @@ def _lock(target: Path, command: str) -> FileLock:
 
 
 def _shown(target: Path) -> str:
+    """The path as the user most likely wrote it: relative to the working directory when inside it."""
     try:
-        text = str(target.relative_to(Path.cwd()))
+        return str(target.relative_to(Path.cwd()))
     except ValueError:
-        text = str(target)
-    return text + "/" if target.is_dir() else text
+        return str(target)
 
 
 def _recover(target: Path) -> None:

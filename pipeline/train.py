@@ -23,7 +23,7 @@ import torch
 from mixer.augment import AugmentConfig
 from mixer.checkpoint import WEIGHTS, load_model, save_model, sha256_file
 from mixer.data import Prepared, open_prepared
-from mixer.engine import Interrupted, Machine, TrainConfig, train
+from mixer.engine import Interrupted, Machine, TrainConfig, steps_per_epoch, train
 from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, create_model
 from mixer.preprocess import Preprocessing
@@ -221,6 +221,8 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     torch.manual_seed(p.seed)  # the initialisation: the same on every rank and every run
     model = build_model(p, prepared.classes, prepared.resize)
     train_split, val_split = prepared.split("train"), prepared.split("val")
+    config = train_config(p)
+    steps_per_epoch(len(train_split), config, int(os.environ.get("WORLD_SIZE", "1")))  # before touching any file
     folder = run_dir(p.output_dir)
     main = os.environ.get("RANK", "0") == "0"
     outputs = writing("mixer train", Path(p.output_dir), TRAIN_LOG, folder) if main else nullcontext()
@@ -232,7 +234,7 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
             reporter = LiveReporter(live_dir, p, bar)
         stop_when_dvc_dies()
         try:
-            result = train(model, train_split, val_split, train_config(p), model.preprocessing, folder,
+            result = train(model, train_split, val_split, config, model.preprocessing, folder,
                            fingerprint(p, prepared), replace(machine, stop=stop), resume, reporter)
             if main:
                 save_model(result.model, model_dir)

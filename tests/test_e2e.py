@@ -222,3 +222,22 @@ def test_dvc_repro_killed_at_any_moment_continues_to_the_same_weights(template, 
     rows = (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2"]  # each epoch once
     assert "Data and pipelines are up to date" in ok(["dvc", "status"], repo)
+
+
+def test_killing_dvc_alone_stops_its_training_instead_of_orphaning_it(repo):
+    """Only `dvc repro` is killed (not its process group): the kernel's parent-death signal turns that
+    into a SIGTERM for `mixer train`, which checkpoints and stops; the next `dvc repro` continues."""
+    set_params(repo, num_steps=30)
+    env = dict(tool_env(), MIXER_CHECKPOINT_EVERY="5")
+    seen: list[str] = []
+    dvc = start_repro(repo, env)
+    read_until(dvc, "checkpoint: step 5 ", seen)
+    trainer = next(p for p in psutil.Process(dvc.pid).children(recursive=True) if "train" in " ".join(p.cmdline()))
+    dvc.kill()
+    dvc.wait()
+    gone, alive = psutil.wait_procs([trainer], timeout=10)
+    assert gone and not alive, "mixer train kept running without its dvc repro"
+    rest = dvc.stdout.read()
+    assert "SIGTERM: finishing this step and writing a checkpoint" in rest and "stopped by SIGTERM" in rest
+    log = ok(["dvc", "repro"], repo)
+    assert "continuing from checkpoints/output/last.pt" in log
