@@ -9,6 +9,7 @@ seeded, so the same file lands in the same split on every run and machine.
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import json
@@ -424,7 +425,7 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     if config.drop_duplicates and duplicates:
         dropped = {d["path"] for d in duplicates}
         table = table[~table["path"].isin(dropped)].reset_index(drop=True)
-    table.to_csv(out_dir / MANIFEST, index=False)
+    write_csv(table, out_dir / MANIFEST)
     counts = {s: {c: int(((table["split"] == s) & (table["label_name"] == c)).sum()) for c in source.classes}
               for s in SPLITS}
     info = {"classes": source.classes, "image_shape": list(config.image_shape), "resize": config.resize,
@@ -442,6 +443,12 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
         "resize": config.resize,
         "data_hash": info["data_hash"],
     }
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """`table` as CSV with every text field quoted: a name holding a carriage return, a form feed or
+    a line break (all legal in file names) reads back as written instead of splitting its row."""
+    table.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def _data_hash(manifest: Path, image_shape: tuple[int, int], resize: str) -> str:

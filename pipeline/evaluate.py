@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from mixer.checkpoint import load_model
-from mixer.data import Prepared, open_prepared
+from mixer.data import Prepared, open_prepared, write_csv
 from mixer.errors import MixerError
 from mixer.evaluation import split_logits
 from mixer.figures import confusion_figure, learning_curves_figure, mistakes_figure
@@ -44,9 +44,9 @@ def run(params_file: Path, overrides: dict) -> dict:
     with writing("mixer evaluate", FIGURES, *OUTPUTS.values()) as staging:
         out = {name: staging.file(path) for (name, path) in OUTPUTS.items()}
         out["metrics.json"].write_text(json.dumps(metrics, indent=2) + "\n")
-        test_scores.per_class.to_csv(out["per_class.csv"], index=False, float_format="%.4f")
-        pd.DataFrame({"actual": [classes[i] for i in test.labels],
-                      "predicted": [classes[i] for i in test_scores.predicted]}).to_csv(out["confusion.csv"], index=False)
+        write_csv(test_scores.per_class.round(4), out["per_class.csv"])
+        write_csv(pd.DataFrame({"actual": [classes[i] for i in test.labels],
+                                "predicted": [classes[i] for i in test_scores.predicted]}), out["confusion.csv"])
         write_figures(test_scores, test, classes, staging.dir(FIGURES))
         out["README.md"].write_text(readme(p, metrics), encoding="utf-8")
     print(f"test accuracy {metrics['accuracy']:.4f}, top-5 {metrics['top5_accuracy']}, "

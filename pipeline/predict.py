@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mixer.checkpoint import load_model
+from mixer.data import write_csv
 from mixer.inference import list_images, predict_files
 from pipeline.outputs import writing
 from pipeline.params import load_params
@@ -23,7 +24,7 @@ def run(paths: list[Path], model_dir: Path | None, top_k: int, out: Path | None,
         table = pd.concat([table, pd.DataFrame(skipped)], ignore_index=True).fillna("")
     if out is not None:
         with writing("mixer predict", out) as staging:
-            table.to_csv(staging.file(out), index=False)
+            write_csv(table, staging.file(out))
     view = Table(title=f"{len(table)} image(s)")
     for column in table.columns:
         view.add_column(column, overflow="fold")

@@ -296,6 +296,18 @@ def test_names_that_are_not_utf8(tmp_path):
         scan_folder(root)
 
 
+def test_names_with_line_breaks_read_back_as_written(tmp_path):
+    """Found by tests/test_properties.py: a file named 'a\rb.png' split its manifest row in two."""
+    root = make_image_folder(tmp_path / "data", {"cat": 4, "dog\r\n2": 4})
+    for (i, name) in enumerate(["a\rb.png", "c\x0cd.png", "e\nf.png", 'g",h.png']):
+        (root / "cat" / f"img{i:03d}.png").rename(root / "cat" / name)
+    prepare(scan_folder(root), tmp_path / "cache", config(test_fraction=0.25))
+    prepared = open_prepared(tmp_path / "cache")
+    assert prepared.classes == ["cat", "dog\r\n2"]
+    assert sorted(prepared.table["path"]) == sorted(
+        ["cat/a\rb.png", "cat/c\x0cd.png", "cat/e\nf.png", 'cat/g",h.png'] + [f"dog\r\n2/img{i:03d}.png" for i in range(4)])
+
+
 def test_csv_repeated_rows_count_once_and_conflicting_labels_are_reported(tmp_path):
     root = make_image_folder(tmp_path / "flat", {"x": 4, "y": 4})
     rows = [(f"{c}/img{i:03d}.png", c) for c in "xy" for i in range(4)]
@@ -319,9 +331,10 @@ MEASURE = """
 import resource, sys
 sys.path.insert(0, {root!r})
 from mixer.data import decode
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 array, _ = decode({path!r}, (16, 16))
 assert array.shape == (16, 16, 3)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
@@ -332,7 +345,9 @@ def test_a_huge_sixteen_bit_png_decodes_in_bounded_memory(tmp_path):
     assert (tmp_path / "big.png").stat().st_size < 1_000_000
     out = subprocess.run([sys.executable, "-c", MEASURE.format(root=str(ROOT), path=str(tmp_path / "big.png"))],
                          capture_output=True, text=True, check=True)
-    assert int(out.stdout) < 700  # MiB: the decoded file plus one whole-factor reduction of it
+    # MiB the decoding added to the peak (the interpreter and its imports vary by machine): the
+    # decoded file and one whole-factor reduction of it, nowhere near a float copy of it.
+    assert int(out.stdout) < 450
 
 
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
