@@ -48,6 +48,22 @@ def test_each_randaugment_op_keeps_shape_and_range(name):
     assert y.shape == x.shape and y.min() >= -1e-6 and y.max() <= 1 + 1e-6
 
 
+@pytest.mark.parametrize("name", [n for n in RANDAUGMENT_OPS if n not in ("identity", "autocontrast")])
+def test_each_randaugment_op_is_the_identity_at_magnitude_zero_and_changes_the_image_otherwise(name):
+    x = torch.randint(50, 200, (8, 3, 12, 16), generator=gen(7)).float() / 255  # pixels as decoded, mid-range
+    torch.testing.assert_close(_op(x, name, torch.zeros(8)), x, atol=1e-6, rtol=0)
+    for level in (0.5, -0.5):  # both directions of the random sign act
+        assert (_op(x, name, torch.full((8,), level)) - x).abs().amax(dim=(1, 2, 3)).min() > 0.005
+
+
+def test_autocontrast_stretches_each_channel_to_the_full_range():
+    x = torch.randint(50, 200, (8, 3, 12, 16), generator=gen(7)).float() / 255
+    y = _op(x, "autocontrast", torch.zeros(8))
+    torch.testing.assert_close(y.amin(dim=(2, 3)), torch.zeros(8, 3))
+    torch.testing.assert_close(y.amax(dim=(2, 3)), torch.ones(8, 3))
+    torch.testing.assert_close(_op(y, "autocontrast", torch.zeros(8)), y)  # a full-range image is kept
+
+
 def test_randaugment_is_seeded():
     x = images()
     torch.testing.assert_close(randaugment(x, 2, 9, gen(1)), randaugment(x, 2, 9, gen(1)))
