@@ -47,10 +47,6 @@ try:
 except ImportError:
     pass
 import pipeline.cli as cli
-if {cpu_clock}:  # the loop's epoch timer counts this process's CPU seconds: other tenants' steal is left out
-    import time, types
-    import mixer.engine as engine
-    engine.time = types.SimpleNamespace(perf_counter=time.process_time, monotonic=time.monotonic)
 if {keep} is False and hasattr(cli, "keep_freed_memory"):
     cli.keep_freed_memory = lambda: False
 sys.argv = ["mixer", "train", "--no-progress", "--num-steps", {epochs!r}]
@@ -88,9 +84,8 @@ def checkout(rev: str, scratch: Path) -> Path:
     return tree
 
 
-def run_arm(project: Path, tree: Path, fused: str, keep: str, epochs: int, cpu_clock: bool) -> list[float]:
-    code = SETUP.format(tree=str(tree), keep=keep == "keep", fused=fused != "plain", epochs=str(epochs),
-                        cpu_clock=cpu_clock)
+def run_arm(project: Path, tree: Path, fused: str, keep: str, epochs: int) -> list[float]:
+    code = SETUP.format(tree=str(tree), keep=keep == "keep", fused=fused != "plain", epochs=str(epochs))
     out = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"arm {tree} failed:\n{out.stdout}\n{out.stderr}")
@@ -106,8 +101,6 @@ def main() -> None:
     parser.add_argument("--config", choices=["default", "original", "both"], default="both")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: images per CPU-second of the training process (immune to other tenants' load)")
     args = parser.parse_args()
     arms = [a.split(":") for a in args.arm]
     scratch = Path(tempfile.mkdtemp(prefix="train_ab-"))
@@ -121,12 +114,11 @@ def main() -> None:
             for r in range(args.rounds):
                 this_round = {}
                 for (label, rev, fused, keep) in (arms if r % 2 == 0 else arms[::-1]):
-                    this_round[label] = run_arm(projects[rev], trees[rev], fused, keep, args.epochs,
-                                                args.clock == "cpu")
+                    this_round[label] = run_arm(projects[rev], trees[rev], fused, keep, args.epochs)
                     rates[label] += this_round[label]
                 for label in ratios:
                     ratios[label].append(statistics.median(this_round[label]) / statistics.median(this_round[arms[0][0]]))
-            print(f"\n{config}: images per {args.clock} second, epochs 2..{args.epochs} of {args.rounds} runs per arm; ratio to "
+            print(f"\n{config}: images per second, epochs 2..{args.epochs} of {args.rounds} runs per arm; ratio to "
                   f"{arms[0][0]}: median of per-round ratios (quartiles)")
             for (label, rev, fused, keep) in arms:
                 q = statistics.quantiles(ratios[label], n=4) if len(ratios[label]) > 1 else [ratios[label][0]] * 3
