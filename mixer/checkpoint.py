@@ -1,8 +1,8 @@
 """Model directories (`model.safetensors` + `config.json`) and weight import; nothing is unpickled.
 
 A model directory is what training writes and what evaluation, predict, export and fine-tuning read.
-`import_weights` converts the two public layouts (timm's `MlpMixer` state dict, the official
-vit_jax `.npz`) into one, inferring the architecture from the tensor shapes.
+`convert_weights` reads the two public layouts (timm's `MlpMixer` state dict, the official vit_jax
+`.npz`), inferring the architecture from the tensor shapes; `mixer.pretrained` fetches them.
 """
 
 from __future__ import annotations
@@ -258,13 +258,8 @@ def infer_config(state: dict[str, torch.Tensor], gelu: str,
                        num_classes=head.shape[0], in_chans=in_chans, gelu=gelu)
 
 
-def import_weights(source: Path, out_dir: Path, image_shape: tuple[int, int] | None = None,
-                   provenance: dict | None = None) -> MlpMixer:
-    """Convert a timm state dict or a vit_jax `.npz` into a model directory; returns the model.
-
-    The directory's `config.json` records where the weights came from: `provenance` (what the caller
-    knows, e.g. a hub repository and revision), or else the file's path, and its sha256 either way.
-    """
+def convert_weights(source: Path, image_shape: tuple[int, int] | None = None) -> MlpMixer:
+    """A timm state dict or a vit_jax `.npz` as a model, its architecture inferred from the tensors."""
     source = Path(source)
     raw = read_tensors(source)
     if any(k.startswith(("stem/", "MixerBlock_", "/stem", "params/")) for k in raw):
@@ -280,9 +275,6 @@ def import_weights(source: Path, out_dir: Path, image_shape: tuple[int, int] | N
     except MixerError as exc:
         raise MixerError(f"{source}: {exc}") from None
     load_state(model, state, source)
-    record = dict(provenance or {"path": str(source)})
-    record["sha256"] = sha256_file(source)
-    save_model(model, Path(out_dir), source=record)
     return model
 
 

@@ -146,6 +146,7 @@ class MlpMixer(nn.Module):
         self.config = config
         self.class_names = check_class_names(class_names, config.num_classes)
         self.preprocessing = preprocessing or Preprocessing()
+        self.source: dict | None = None  # where pretrained weights came from (mixer.pretrained), saved with them
         c = config
         # A conv with stride = kernel = patch is the paper's per-patch linear embedding.
         self.stem = nn.Conv2d(c.in_chans, c.dim, kernel_size=c.patch_shape, stride=c.patch_shape)

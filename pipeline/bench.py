@@ -28,7 +28,7 @@ def configs(which: str, params_file: Path) -> dict[str, tuple[MixerConfig, int]]
         out["original"] = (create_model(**ORIGINAL).config, 16)
     if which in ("default", "both"):
         p = load_params(params_file)
-        out["default"] = (architecture(p, p.num_classes or 10), p.batch_size)  # what training would build
+        out["default"] = (architecture(p, p.num_classes or 10, p.image_shape), p.batch_size)  # what training builds
     if not out:
         raise MixerError(f"--config must be original, default or both, got {which!r}")
     return out

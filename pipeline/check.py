@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixer.checkpoint import atomic_write, describe
+from mixer.checkpoint import atomic_write
 from mixer.errors import MixerError
-from pipeline.params import load_params
+from pipeline.params import input_shape, load_params
 from pipeline.paths import PARAMS_CHECKED
 
 CHECKED = "params.yaml passed `mixer check` (its content never changes; DVC stages depend on it)\n"
@@ -24,7 +24,6 @@ def run(params_file: Path, overrides: dict) -> None:
     data = Path(p.data)
     if p.data != "digits" and not (data.is_dir() or data.suffix.lower() == ".csv" and data.is_file()):
         raise MixerError(f"{params_file}: data {p.data} is neither 'digits', a folder, nor a CSV file")
-    if p.checkpoint is not None:
-        describe(Path(p.checkpoint))
+    input_shape(p)  # reads the checkpoint, if any (fetching it once into the cache)
     atomic_write(PARAMS_CHECKED, lambda tmp: tmp.write_text(CHECKED))
     print(f"{params_file}: every key is valid; data {p.data}; checkpoint {p.checkpoint or 'none'}")

@@ -180,13 +180,19 @@ def predict(paths: Annotated[list[Path], typer.Argument(help="images or folders 
 
 @app.command("import-weights")
 @guarded
-def import_weights(source: Annotated[Path, typer.Argument(help="timm .safetensors/.pth/.bin or vit_jax .npz")],
+def import_weights(source: Annotated[str, typer.Argument(
+                       help="hf-hub:owner/name[@revision], an https:// URL, or a file: timm .safetensors/.pth/.bin "
+                            "or vit_jax .npz")],
                    out_dir: Annotated[Path, typer.Argument(help="model directory to write")],
                    image_shape: Annotated[Optional[tuple[int, int]], typer.Option(
                        "--image-shape", "--image_shape", help="input size, if the patch grid is not square")] = None,
                    force: Annotated[bool, typer.Option(help="overwrite an existing model directory")] = False,
                    ) -> None:
-    """Convert a public MLP-Mixer checkpoint into a model directory this tool trains and evaluates."""
+    """Convert a public MLP-Mixer checkpoint into a model directory this tool trains and evaluates.
+
+    From the hub, the repository's timm config.json sets the input size and normalisation; the
+    directory's config.json records the source, the revision it resolved to and the file's sha256.
+    """
     from pipeline import weights as stage
 
     c = stage.run(source, out_dir, image_shape, force).config

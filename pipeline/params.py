@@ -19,6 +19,7 @@ import yaml
 from mixer.errors import MixerError
 from mixer.model import VARIANTS
 from mixer.preprocess import RESIZE_POLICIES
+from mixer.pretrained import pretrained_config
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -47,7 +48,9 @@ class Params:
     depth: int = _p(4, "number of Mixer blocks", "train", 6)
     dim: int = _p(128, "channels C (hidden width of each patch)", "train", 512)
     num_classes: int | None = _p(10, "number of classes (null: from the data)", "prepare train", 120)
-    checkpoint: str | None = _p(None, "model directory to start from (fine-tuning)", "train", None)
+    checkpoint: str | None = _p(None, "weights to fine-tune: a model directory, a weights file, "
+                                "hf-hub:owner/name[@revision] or an https:// URL; its input size wins "
+                                "over image_shape", "prepare train", None)
     output_dir: str = _p("output", "where the trained model is written", "train evaluate", "output/")
     batch_size: int = _p(64, "images per optimizer step and process", "train", 16)
     lr: float = _p(3.0e-3, "peak learning rate", "train", 1.0e-3)
@@ -95,6 +98,17 @@ class Params:
 def stage_keys(stage: str) -> list[str]:
     """Names of the params a stage reads (what dvc.yaml lists for it); `check` reads them all."""
     return [f.name for f in fields(Params) if stage in f.metadata["stages"] or stage == "check"]
+
+
+def input_shape(p: Params) -> tuple[int, int]:
+    """The images' size: `image_shape`, or when fine-tuning the checkpoint's (its token-mixing
+    weights are tied to its patch grid, so no other size fits it)."""
+    if p.checkpoint is None:
+        return p.image_shape
+    shape = pretrained_config(p.checkpoint).image_shape
+    if shape != p.image_shape:
+        print(f"note: image_shape {list(shape)} from checkpoint {p.checkpoint} (params say {list(p.image_shape)})")
+    return shape
 
 
 def field_info(name: str) -> dict:

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from mixer import predict
 from mixer.checkpoint import load_model
 from mixer.data import write_csv
-from mixer.inference import list_images, predict_files
 from pipeline.outputs import writing
 from pipeline.params import load_params
 
 
 def run(paths: list[Path], model_dir: Path | None, top_k: int, out: Path | None, params_file: Path) -> None:
     model = load_model(model_dir or Path(load_params(params_file).output_dir))
-    images, skipped = list_images(paths)
-    table = predict_files(model, images, top_k)
-    if skipped:
-        table = pd.concat([table, pd.DataFrame(skipped)], ignore_index=True).fillna("")
+    table = predict(model, paths, top_k)
     if out is not None:
         with writing("mixer predict", out) as staging:
             write_csv(table, staging.file(out))

@@ -12,7 +12,7 @@ from rich.progress import Progress
 from mixer.data import PrepareConfig, open_source, prepare
 from mixer.errors import MixerError
 from pipeline.outputs import writing
-from pipeline.params import load_params
+from pipeline.params import input_shape, load_params
 from pipeline.paths import DATA_REPORT, PREPARED
 
 
@@ -20,7 +20,7 @@ def run(params_file: Path, overrides: dict, workers: int) -> dict:
     p = load_params(params_file, overrides)
     if workers < 1:
         raise MixerError(f"--workers must be at least 1, got {workers}")
-    config = PrepareConfig(image_shape=p.image_shape, resize=p.resize, val_fraction=p.val_fraction,
+    config = PrepareConfig(image_shape=input_shape(p), resize=p.resize, val_fraction=p.val_fraction,
                            test_fraction=p.test_fraction, seed=p.seed, num_classes=p.num_classes,
                            strict=p.strict, drop_duplicates=p.drop_duplicates)
     with writing("mixer prepare", PREPARED, DATA_REPORT) as staging, tempfile.TemporaryDirectory() as scratch:

@@ -21,15 +21,16 @@ from typing import Iterator
 import torch
 
 from mixer.augment import AugmentConfig
-from mixer.checkpoint import WEIGHTS, load_model, save_model, sha256_file
+from mixer.checkpoint import save_model
 from mixer.data import Prepared, open_prepared
 from mixer.engine import Interrupted, Machine, TrainConfig, steps_per_epoch, train
 from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, create_model
+from mixer.pretrained import load_pretrained
 from mixer.preprocess import Preprocessing
 from mixer.train_state import TrainState
 from pipeline.outputs import writing
-from pipeline.params import Params, load_params, stage_keys
+from pipeline.params import Params, input_shape, load_params, stage_keys
 from pipeline.paths import CHECKPOINTS, PREPARED, TRAIN_LOG
 from pipeline.progress import ConsoleReporter
 
@@ -51,9 +52,9 @@ def train_config(p: Params) -> TrainConfig:
     )
 
 
-def architecture(p: Params, num_classes: int) -> MixerConfig:
+def architecture(p: Params, num_classes: int, image_shape: tuple[int, int]) -> MixerConfig:
     """The architecture the params ask for (a paper variant and/or explicit fields)."""
-    fields = dict(image_shape=p.image_shape, depth=p.depth, dim=p.dim, num_classes=num_classes,
+    fields = dict(image_shape=image_shape, depth=p.depth, dim=p.dim, num_classes=num_classes,
                   token_hidden=p.token_hidden, channel_hidden=p.channel_hidden, dropout=p.dropout,
                   drop_path=p.drop_path)
     if p.variant is None:
@@ -63,43 +64,35 @@ def architecture(p: Params, num_classes: int) -> MixerConfig:
     return create_model(p.variant, **fields).config
 
 
-def build_model(p: Params, classes: list[str], resize: str) -> MlpMixer:
-    """A fresh Mixer from the params, or the `checkpoint` model directory to fine-tune."""
-    wanted = architecture(p, len(classes))
+def build_model(p: Params, classes: list[str], resize: str, image_shape: tuple[int, int]) -> MlpMixer:
+    """A fresh Mixer from the params, or the `checkpoint` to fine-tune (see mixer.pretrained)."""
     if p.checkpoint is None:
-        return MlpMixer(wanted, classes, Preprocessing(resize))
-    model = load_model(Path(p.checkpoint)).train()
-    model = adapt_for_finetuning(model, wanted, p.checkpoint, classes)
+        return MlpMixer(architecture(p, len(classes), image_shape), classes, Preprocessing(resize))
+    model = load_pretrained(p.checkpoint).train()
+    model = adapt_for_finetuning(model, p, classes)
     model.preprocessing = replace(model.preprocessing, resize=resize)  # the weights' normalisation, our resize
     return model
 
 
-def adapt_for_finetuning(model: MlpMixer, wanted: MixerConfig, source: str, classes: list[str]) -> MlpMixer:
-    """Keep the checkpoint's architecture; replace the head for another label set."""
+def adapt_for_finetuning(model: MlpMixer, p: Params, classes: list[str]) -> MlpMixer:
+    """Keep the checkpoint's architecture (saying where the params differ); a new head for another label set."""
     have = model.config
-    if have.image_shape != wanted.image_shape or have.patch_shape != wanted.patch_shape:
-        raise MixerError(
-            f"checkpoint {source} was trained on {list(have.image_shape)} images with patch "
-            f"{list(have.patch_shape)} ({have.num_patches} patches); image_shape {list(wanted.image_shape)} with "
-            f"patch_shape {list(wanted.patch_shape)} gives {wanted.num_patches}: token-mixing weights are tied "
-            f"to the number of patches, so set image_shape and patch_shape to the checkpoint's")
-    for key in ("depth", "dim", "token_hidden", "channel_hidden"):
-        if getattr(have, key) != getattr(wanted, key):
-            print(f"note: {key} = {getattr(have, key)} from checkpoint {source} "
-                  f"(params say {getattr(wanted, key)})")
+    for key in ("patch_shape", "depth", "dim", "token_hidden", "channel_hidden"):
+        if getattr(p, key) is not None and getattr(p, key) != getattr(have, key) and p.variant is None:
+            print(f"note: {key} = {getattr(have, key)} from checkpoint {p.checkpoint} (params say {getattr(p, key)})")
     if model.class_names != classes:
         print(f"note: new zero-initialised head for {len(classes)} classes (checkpoint has {have.num_classes})")
         model.reset_head(classes)
     return model
 
 
-def fingerprint(p: Params, prepared: Prepared) -> dict:
+def fingerprint(p: Params, prepared: Prepared, model: MlpMixer) -> dict:
     """What decides the result of a run: the params that do, the prepared data, the starting weights."""
     values = {k: getattr(p, k) for k in stage_keys("train") if k not in NOT_IN_FINGERPRINT}
     values = {k: list(v) if isinstance(v, tuple) else v for (k, v) in values.items()}
     values["prepared_data"] = prepared.data_hash
-    if p.checkpoint is not None:
-        values["checkpoint_weights"] = sha256_file(Path(p.checkpoint) / WEIGHTS)
+    if model.source is not None:
+        values["checkpoint_weights"] = model.source["sha256"]
     return values
 
 
@@ -111,13 +104,13 @@ def run_dir(output_dir: str) -> Path:
     return CHECKPOINTS / path
 
 
-def check_prepared(p: Params, prepared: Prepared) -> None:
+def check_prepared(p: Params, prepared: Prepared, image_shape: tuple[int, int]) -> None:
     """The prepared data must be what the params describe; else prepare is stale."""
     again = "run `mixer prepare` (or `dvc repro`) again"
     if p.num_classes is not None and p.num_classes != len(prepared.classes):
         raise MixerError(f"num_classes is {p.num_classes} but {PREPARED} holds {len(prepared.classes)} classes; {again}")
-    if prepared.image_shape != p.image_shape:
-        raise MixerError(f"image_shape is {list(p.image_shape)} but {PREPARED} holds "
+    if prepared.image_shape != image_shape:
+        raise MixerError(f"image_shape is {list(image_shape)} but {PREPARED} holds "
                          f"{list(prepared.image_shape)} images; {again}")
     if prepared.resize != p.resize:
         raise MixerError(f"resize is {p.resize} but {PREPARED} was made with {prepared.resize}; {again}")
@@ -217,9 +210,10 @@ def writable_folder(path: Path) -> None:
 def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | None, bar: bool | None) -> dict:
     p = load_params(params_file, overrides)
     prepared = open_prepared(PREPARED)
-    check_prepared(p, prepared)
+    image_shape = input_shape(p)
+    check_prepared(p, prepared, image_shape)
     torch.manual_seed(p.seed)  # the initialisation: the same on every rank and every run
-    model = build_model(p, prepared.classes, prepared.resize)
+    model = build_model(p, prepared.classes, prepared.resize, image_shape)
     train_split, val_split = prepared.split("train"), prepared.split("val")
     config = train_config(p)
     steps_per_epoch(len(train_split), config, int(os.environ.get("WORLD_SIZE", "1")))  # before touching any file
@@ -235,9 +229,10 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
         stop_when_dvc_dies()
         try:
             result = train(model, train_split, val_split, config, model.preprocessing, folder,
-                           fingerprint(p, prepared), replace(machine, stop=stop), resume, reporter)
+                           fingerprint(p, prepared, model), replace(machine, stop=stop), resume, reporter)
             if main:
-                save_model(result.model, model_dir)
+                save_model(result.model, model_dir,
+                           source=None if model.source is None else {"fine_tuned_from": model.source})
                 reporter.end()
         except Interrupted as exc:
             exc.signum = stop.signum  # the CLI exits with 128 + it, as the shell does for a killed command

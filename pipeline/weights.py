@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixer.checkpoint import CONFIG, import_weights
+from mixer.checkpoint import CONFIG
 from mixer.errors import MixerError
 from mixer.model import MlpMixer
+from mixer.pretrained import import_weights
 from pipeline.outputs import writing
 
 
-def run(source: Path, out_dir: Path, image_shape: tuple[int, int] | None, force: bool) -> MlpMixer:
+def run(source: str, out_dir: Path, image_shape: tuple[int, int] | None, force: bool) -> MlpMixer:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MixerError(f"{out_dir} is a file; give a folder for the model")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mixer.checkpoint import import_weights, load_model, save_model
+from mixer.checkpoint import load_model, save_model
+from mixer.pretrained import import_weights
 from mixer.errors import MixerError
 from mixer.model import create_model
 from mixer.preprocess import Preprocessing

@@ -112,16 +112,21 @@ def test_non_numbers_are_rejected_by_the_parser(runner, project):
     assert result.exit_code == 2 and "depth" in result.output
 
 
-def test_fine_tuning_a_checkpoint_with_another_patch_grid_says_why(runner, project):
+def test_fine_tuning_takes_the_checkpoints_input_size_and_says_so(runner, project):
     from mixer.checkpoint import save_model
     from mixer.model import create_model
 
-    save_model(create_model(image_shape=(8, 8), patch_shape=(4, 4), depth=1, dim=16, num_classes=3), project / "ck")
-    runner.invoke(app, ["prepare", "--workers", "1"])
+    save_model(create_model(image_shape=(16, 16), patch_shape=(4, 4), depth=1, dim=16, num_classes=3), project / "ck")
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0  # 8x8, as params.yaml says
     result = runner.invoke(app, ["train", "--checkpoint", "ck", *TINY])
-    assert result.exit_code == 2
-    assert "(4 patches)" in result.output and "gives 16" in result.output
-    assert "token-mixing weights are tied to the number of patches" in result.output
+    assert result.exit_code == 2 and "image_shape is [16, 16] but prepared holds [8, 8]" in result.output
+    assert runner.invoke(app, ["prepare", "--workers", "1", "--checkpoint", "ck"]).exit_code == 0
+    assert json.loads((project / "prepared" / "prepared.json").read_text())["image_shape"] == [16, 16]
+    result = runner.invoke(app, ["train", "--checkpoint", "ck", *TINY])
+    assert result.exit_code == 0, result.output
+    assert "image_shape [16, 16] from checkpoint ck (params say [8, 8])" in result.output
+    assert "patch_shape = (4, 4) from checkpoint ck (params say (2, 2))" in result.output
+    assert json.loads((project / "output" / "config.json").read_text())["architecture"]["image_shape"] == [16, 16]
 
 
 def snapshot(root):

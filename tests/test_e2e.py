@@ -241,3 +241,83 @@ def test_killing_dvc_alone_stops_its_training_instead_of_orphaning_it(repo):
     assert "SIGTERM: finishing this step and writing a checkpoint" in rest and "stopped by SIGTERM" in rest
     log = ok(["dvc", "repro"], repo)
     assert "continuing from checkpoints/output/last.pt" in log
+
+
+# ---- sharing the DVC way: a remote, a fresh clone, the model artifact, a queued grid -------------
+
+def test_push_then_a_fresh_clone_pulls_and_predicts_without_training(repo, tmp_path):
+    from conftest import make_image_folder
+
+    ok(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], repo)
+    ok(["dvc", "repro"], repo)
+    ok(["git", "add", "-A"], repo)
+    ok(["git", "commit", "-qm", "trained"], repo)
+    ok(["dvc", "push"], repo)
+    clone = tmp_path / "clone"
+    ok(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    ok(["dvc", "pull"], clone)
+    status = ok(["dvc", "status"], clone)
+    assert "up to date" in status, status
+    model = (repo / "output" / "model.safetensors").read_bytes()
+    assert (clone / "output" / "model.safetensors").read_bytes() == model
+    make_image_folder(clone / "photos", {"x": 3}, size=(12, 12))
+    ok(["mixer", "predict", "photos", "--out", "predictions.csv"], clone)
+    assert len(pd.read_csv(clone / "predictions.csv")) == 3
+    assert not (clone / "checkpoints").exists()  # nothing was trained there
+    ok(["git", "tag", "-a", "mixer-model@v1.0.0", "-m", "register"], repo)  # what `gto register` writes
+    ok(["dvc", "artifacts", "get", str(repo), "mixer-model", "-o", str(tmp_path / "fetched")], tmp_path)
+    assert (tmp_path / "fetched" / "model.safetensors").read_bytes() == model
+
+
+def test_a_queued_grid_on_a_tracked_folder_ranks_and_applies(repo):
+    from conftest import make_image_folder
+
+    make_image_folder(repo / "data" / "shapes", {"a": 30, "b": 30}, size=(12, 12))
+    ok(["dvc", "add", "data/shapes"], repo)
+    set_params(repo, data="data/shapes", num_classes=None, batch_size=16)
+    ok(["git", "add", "-A"], repo)
+    ok(["git", "commit", "-qm", "shapes"], repo)
+    ok(["dvc", "exp", "run", "--queue", "-S", "depth=1,2"], repo)
+    ok(["dvc", "queue", "start", "--jobs", "1"], repo)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        queue = ok(["dvc", "queue", "status"], repo)
+        if not any(word in queue for word in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    failed = [line.split()[0] for line in queue.splitlines() if "Failed" in line]
+    assert queue.count("Success") == 2, queue + "".join(run(["dvc", "queue", "logs", name], repo, tool_env()).stdout
+                                                        for name in failed)
+    csv = ok(["dvc", "exp", "show", "--csv", "--sort-by", "reports/metrics.json:accuracy", "--sort-order", "desc"],
+             repo)
+    table = pd.read_csv(io.StringIO(csv[csv.index("Experiment"):]), dtype=str)
+    runs = table[table["depth"].isin(["1", "2"]) & table["Experiment"].notna() & (table["Experiment"] != "")]
+    assert sorted(runs["depth"]) == ["1", "2"], table
+    best = runs.iloc[0]
+    ok(["dvc", "exp", "apply", best["Experiment"]], repo)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["depth"] == int(best["depth"])
+    assert json.loads((repo / "reports" / "metrics.json").read_text())["accuracy"] == float(best["accuracy"])
+
+
+def test_fine_tune_from_an_offline_hub_cache_setting_only_the_checkpoint(repo, tmp_path):
+    import torch
+
+    from mixer.checkpoint import load_model
+    from test_pretrained import COMMIT, add_snapshot, timm_weights
+
+    add_snapshot(tmp_path / "hf", "someone/mixer-tiny", COMMIT, timm_weights(0))
+    env = {**tool_env(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    set_params(repo, checkpoint="hf-hub:someone/mixer-tiny", num_steps=1, lr=1.0e-9, warmup_step=0)
+    out = ok(["dvc", "repro"], repo, env)
+    assert "image_shape [16, 20] from checkpoint hf-hub:someone/mixer-tiny" in out
+    tuned = load_model(repo / "output")
+    assert tuned.config.image_shape == (16, 20) and tuned.config.num_classes == 10
+    config = json.loads((repo / "output" / "config.json").read_text())
+    assert config["source"]["fine_tuned_from"]["hub"] == "someone/mixer-tiny"
+    assert config["source"]["fine_tuned_from"]["revision"] == COMMIT
+    assert config["preprocessing"]["std"] == [0.229, 0.224, 0.225]  # the hub's normalisation, kept
+    ok(["mixer", "import-weights", "hf-hub:someone/mixer-tiny", str(tmp_path / "source")], repo, env)
+    source = load_model(tmp_path / "source")
+    images = torch.randn(4, 3, 16, 20)
+    with torch.inference_mode():  # the hub's weights were loaded: the same features before the head
+        assert (tuned.forward_features(images) - source.forward_features(images)).abs().max() < 1e-4

@@ -1,0 +1,204 @@
+"""Pretrained weights from where people keep them: a model directory, a weights file, the Hugging Face
+Hub (`hf-hub:owner/name[@revision]`, through `huggingface_hub` and its cache) or an `https://` URL
+(downloaded once into a cache). Each becomes an `MlpMixer` whose `source` records where it came
+from: the hub repository and the commit it resolved to, or the path or URL, and the file's sha256.
+
+A hub repository in timm's layout (`config.json` + `model.safetensors`) also says the input size and
+normalisation its weights were trained with (`pretrained_cfg`): the model takes both, so a user
+names only the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from mixer.checkpoint import CONFIG, WEIGHTS, convert_weights, describe, load_model, save_model, sha256_file
+from mixer.errors import MixerError
+from mixer.model import MixerConfig, MlpMixer, check_class_names
+from mixer.preprocess import Preprocessing
+
+HUB = "hf-hub:"
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # timm's files, preferred first
+
+
+def is_remote(spec: str) -> bool:
+    return spec.startswith((HUB, "https://", "http://"))
+
+
+def cache_dir() -> Path:
+    """Where URL downloads are kept: $MIXER_CACHE, else ~/.cache/mlp-mixer (hub files go to huggingface_hub's
+    own cache, $HF_HOME)."""
+    return Path(os.environ.get("MIXER_CACHE") or Path.home() / ".cache" / "mlp-mixer")
+
+
+def load_pretrained(spec: str, image_shape: tuple[int, int] | None = None) -> MlpMixer:
+    """The model `spec` names, with `model.source` set (see the module docstring).
+
+    image_shape: the input size for weights whose patch grid is not square (a hub repository's
+    `pretrained_cfg` says it; a model directory always does).
+    """
+    spec = str(spec)
+    if spec.startswith(HUB):
+        return _from_hub(spec, image_shape)
+    if spec.startswith(("https://", "http://")):
+        path, source = download(spec)
+        return _converted(path, source, image_shape)
+    path = Path(spec)
+    if path.is_dir() and (path / CONFIG).exists():
+        model = load_model(path).train()
+        model.source = {"path": spec, "sha256": sha256_file(path / WEIGHTS)}
+        if isinstance(model.meta.get("source"), dict):
+            model.source["from"] = model.meta["source"]
+        return model
+    return _converted(path, {"path": spec}, image_shape)
+
+
+def import_weights(spec: str, out_dir: Path, image_shape: tuple[int, int] | None = None) -> MlpMixer:
+    """`load_pretrained(spec)` written as a model directory, with its source in `config.json`."""
+    model = load_pretrained(spec, image_shape)
+    save_model(model, Path(out_dir), source=model.source)
+    return model
+
+
+def pretrained_config(spec: str) -> MixerConfig:
+    """The architecture `spec` holds (a model directory is only read, not loaded)."""
+    if not is_remote(spec) and (Path(spec) / CONFIG).is_file():
+        return describe(Path(spec))[0]
+    return load_pretrained(spec).config
+
+
+def _converted(path: Path, source: dict, image_shape: tuple[int, int] | None = None,
+               preprocessing: Preprocessing | None = None, class_names: list[str] | None = None) -> MlpMixer:
+    model = convert_weights(path, image_shape)
+    if preprocessing is not None:
+        model.preprocessing = preprocessing
+    if isinstance(class_names, list) and len(class_names) == model.config.num_classes:
+        model.class_names = check_class_names(class_names, model.config.num_classes)
+    model.source = {**source, "sha256": sha256_file(path)}
+    return model
+
+
+# ---- the Hugging Face Hub -------------------------------------------------------------------------
+
+def parse_hub(spec: str) -> tuple[str, str | None]:
+    """'hf-hub:owner/name@rev' → ('owner/name', 'rev'); revision None means the repository's main."""
+    repo, _, revision = spec[len(HUB):].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")) or (_ and not revision):
+        raise MixerError(f"checkpoint {spec!r} is not {HUB}owner/name or {HUB}owner/name@revision")
+    return repo, revision or None
+
+
+class _NotCached(MixerError):
+    """A hub file that is neither in the local cache nor downloadable now."""
+
+
+def _hub_file(repo: str, filename: str, revision: str | None) -> Path | None:
+    """One file of a hub repository, from huggingface_hub's cache or the network; None if the repo lacks it."""
+    from huggingface_hub import errors, hf_hub_download, is_offline_mode
+
+    where = f"{HUB}{repo}" + (f"@{revision}" if revision else "")
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision))
+    except errors.LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE is set)" if is_offline_mode() else ""
+        raise _NotCached(f"{where}: not in the local hub cache and cannot be downloaded{offline}; download it "
+                         "once with a network (or point HF_HOME at the cache that has it)") from None
+    except errors.EntryNotFoundError:
+        return None
+    except errors.RepositoryNotFoundError:
+        raise MixerError(f"{where}: no such repository on the hub (or it is private: log in with "
+                         "`hf auth login`)") from None
+    except errors.RevisionNotFoundError:
+        raise MixerError(f"{where}: the repository has no revision {revision!r}") from None
+    except errors.HFValidationError as exc:
+        raise MixerError(f"{where}: {str(exc).splitlines()[0]}") from None
+    except (errors.HfHubHTTPError, OSError) as exc:
+        raise MixerError(f"{where}: cannot download {filename} ({str(exc).splitlines()[0]})") from None
+
+
+def _from_hub(spec: str, image_shape: tuple[int, int] | None) -> MlpMixer:
+    repo, revision = parse_hub(spec)
+    weights, not_cached = None, None
+    for name in HUB_WEIGHTS:  # offline, a file the cached snapshot lacks looks like one not cached
+        try:
+            weights = _hub_file(repo, name, revision)
+        except _NotCached as exc:
+            not_cached = not_cached or exc
+        if weights is not None:
+            break
+    if weights is None:
+        raise not_cached or MixerError(f"{spec}: the repository has neither {' nor '.join(HUB_WEIGHTS)}")
+    try:
+        config_path = _hub_file(repo, CONFIG, revision)
+    except _NotCached:
+        config_path = None
+    timm = _read_json(config_path, spec) if config_path is not None else {}
+    pretrained = timm.get("pretrained_cfg") if isinstance(timm.get("pretrained_cfg"), dict) else {}
+    size = pretrained.get("input_size")
+    if image_shape is None and isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size):
+        image_shape = (size[1], size[2])
+    preprocessing = None
+    if "mean" in pretrained and "std" in pretrained:
+        try:
+            preprocessing = Preprocessing(mean=pretrained["mean"], std=pretrained["std"])
+        except (MixerError, TypeError) as exc:
+            raise MixerError(f"{spec}: {CONFIG}: {exc}") from None
+    source = {"hub": repo, "revision": weights.parent.name, "file": weights.name}
+    if revision is not None and revision != weights.parent.name:
+        source["requested_revision"] = revision
+    try:
+        return _converted(weights, source, image_shape, preprocessing, timm.get("label_names"))
+    except MixerError as exc:
+        raise MixerError(f"{spec}: {exc}") from None
+
+
+def _read_json(path: Path, spec: str) -> dict:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise MixerError(f"{spec}: {CONFIG} is not readable JSON ({str(exc).splitlines()[0]})") from None
+    return value if isinstance(value, dict) else {}
+
+
+# ---- URLs -----------------------------------------------------------------------------------------
+
+def download(url: str, timeout: float = 60.0) -> tuple[Path, dict]:
+    """A URL's file, fetched once into the cache (keyed by the URL); `#sha256=<hex>` is verified.
+
+    A partial download never enters the cache: it is written beside it and renamed when complete.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    expected = urllib.parse.parse_qs(parsed.fragment).get("sha256", [None])[0]
+    plain = urllib.parse.urlunsplit(parsed._replace(fragment=""))
+    name = Path(urllib.parse.unquote(parsed.path)).name or "weights"
+    if not name.endswith((".npz", ".safetensors", ".pth", ".pt", ".bin")):
+        raise MixerError(f"{url}: the file name must end in .npz, .safetensors, .pth, .pt or .bin")
+    folder = cache_dir() / "urls" / hashlib.sha256(plain.encode()).hexdigest()[:24]
+    path = folder / name
+    if not path.is_file():
+        tmp = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-")
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(plain, timeout=timeout) as response:
+                shutil.copyfileobj(response, out, 1 << 20)
+            os.replace(tmp, path)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            raise MixerError(f"cannot download {url} ({reason}); check the address and the network") from None
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    digest = sha256_file(path)
+    if expected is not None and digest != expected.lower():
+        path.unlink()
+        raise MixerError(f"{url}: sha256 {digest} is not the {expected} the URL asks for; the download was removed")
+    return path, {"url": plain}
