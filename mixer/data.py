@@ -395,7 +395,7 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     skipped = list(source.skipped)
     jobs = [(i, source.root / rel, config.image_shape, config.resize) for (i, (rel, _)) in enumerate(source.items)]
     with open(out_dir / IMAGES, "r+b") as cache:
-        for (index, array, digest, error) in _run_jobs(jobs, workers):
+        for (index, array, digest, error) in decode_many(jobs, workers):
             if error is None:
                 cache.seek(offset + index * row_bytes)
                 cache.write(array.tobytes())
@@ -445,10 +445,10 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     }
 
 
-def write_csv(table: pd.DataFrame, path: Path) -> None:
-    """`table` as CSV with every text field quoted: a name holding a carriage return, a form feed or
-    a line break (all legal in file names) reads back as written instead of splitting its row."""
-    table.to_csv(path, index=False, quoting=csv.QUOTE_NONNUMERIC)
+def write_csv(table: pd.DataFrame, target, header: bool = True) -> None:
+    """`table` as CSV (to a path or an open text file) with every text field quoted: a name holding a
+    carriage return, a form feed or a line break (all legal in file names) reads back as written."""
+    table.to_csv(target, index=False, header=header, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def _data_hash(manifest: Path, image_shape: tuple[int, int], resize: str) -> str:
@@ -459,14 +459,15 @@ def _data_hash(manifest: Path, image_shape: tuple[int, int], resize: str) -> str
     return digest.hexdigest()
 
 
-def _run_jobs(jobs: list, workers: int):
-    """Decode in `workers` processes, yielding results as they come (nothing accumulates)."""
+def decode_many(jobs: list, workers: int, ordered: bool = False):
+    """Decode (index, path, shape, policy) jobs in `workers` processes, yielding (index, array or None,
+    digest, error) as results come, or in the jobs' order if `ordered` (nothing accumulates)."""
     if workers <= 1:
         yield from map(_decode_job, jobs)
         return
     context = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
     with context.Pool(workers) as pool:
-        yield from pool.imap_unordered(_decode_job, jobs, chunksize=16)
+        yield from (pool.imap if ordered else pool.imap_unordered)(_decode_job, jobs, chunksize=16)
 
 
 _SPLIT_ORDER = {name: i for (i, name) in enumerate(SPLITS)}

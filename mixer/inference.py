@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 
-from mixer.data import decode, find_images, printable
+from mixer.data import decode_many, find_images, printable
 from mixer.errors import MixerError
 from mixer.model import MlpMixer
 from mixer.preprocess import to_float
@@ -39,39 +40,61 @@ def preprocess(model: MlpMixer, arrays: np.ndarray) -> torch.Tensor:
     return model.preprocessing.standardize(to_float(torch.from_numpy(arrays)))
 
 
+def predict_files(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_size: int = 64,
+                  workers: int = 1) -> pd.DataFrame:
+    """One row per file, in the order given: path, top-k labels and probabilities, or the error that
+    kept it unread."""
+    chunks = list(predict_batches(model, paths, top_k, batch_size, workers))
+    return pd.concat(chunks, ignore_index=True) if chunks else _table([], prediction_columns(model, top_k))
+
+
 @torch.inference_mode()
-def predict_files(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_size: int = 64) -> pd.DataFrame:
-    """One row per file: path, top-k labels and probabilities, or the error that kept it unread."""
-    classes = model.class_names
+def predict_batches(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_size: int = 64,
+                    workers: int = 1) -> Iterator[pd.DataFrame]:
+    """`predict_files` as a stream of tables of about `batch_size` rows, in the order given: files
+    decode in `workers` processes while the model runs, and memory stays flat in the number of files."""
     if top_k < 1:
         raise MixerError(f"--top-k must be at least 1, got {top_k}")
+    if workers < 1:
+        raise MixerError(f"--workers must be at least 1, got {workers}")
+    classes, columns = model.class_names, prediction_columns(model, top_k)
     k = min(top_k, len(classes))
-    shape = model.config.image_shape
-    policy = model.preprocessing.resize
-    rows: list[dict] = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        arrays, good = [], []
-        for path in chunk:
-            try:
-                arrays.append(decode(path, shape, policy)[0])
-                good.append(path)
-            except ValueError as exc:
-                rows.append({"path": printable(path), "error": str(exc)})
+    jobs = [(i, path, model.config.image_shape, model.preprocessing.resize) for (i, path) in enumerate(paths)]
+    pending: list[tuple[Path, np.ndarray | None, str | None]] = []
+
+    def flush() -> pd.DataFrame:
+        arrays = [a for (_, a, _) in pending if a is not None]
+        top = None
         if arrays:
             probabilities = torch.softmax(model(preprocess(model, np.stack(arrays))).float(), dim=1)
-            top = probabilities.topk(k, dim=1)
-            for (path, p, i) in zip(good, top.values.tolist(), top.indices.tolist()):
-                row = {"path": printable(path), "error": ""}
+            top = iter(zip(*(t.tolist() for t in probabilities.topk(k, dim=1))))
+        rows = []
+        for (path, array, error) in pending:
+            row = {"path": printable(path), "error": error or ""}
+            if array is not None:
+                (p, i) = next(top)
                 for rank in range(k):
                     row[f"label_{rank + 1}"] = classes[i[rank]]
                     row[f"prob_{rank + 1}"] = round(p[rank], 6)
-                rows.append(row)
-    order = {printable(p): n for (n, p) in enumerate(paths)}
-    table = pd.DataFrame(rows, dtype=object).fillna("")
-    table = table.sort_values("path", key=lambda s: s.map(order)).reset_index(drop=True)
-    columns = ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
-    return table.reindex(columns=columns, fill_value="")
+            rows.append(row)
+        pending.clear()
+        return _table(rows, columns)
+
+    for (index, array, _, error) in decode_many(jobs, workers, ordered=True):
+        pending.append((paths[index], array, error))
+        if len(pending) >= batch_size:
+            yield flush()
+    if pending:
+        yield flush()
+
+
+def prediction_columns(model: MlpMixer, top_k: int) -> list[str]:
+    k = min(top_k, len(model.class_names))
+    return ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
+
+
+def _table(rows: list[dict], columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(rows, dtype=object).reindex(columns=columns, fill_value="").fillna("")
 
 
 def export_onnx(model: MlpMixer, path: Path, atol: float = 1e-4) -> float:

@@ -170,12 +170,17 @@ def evaluate(overrides: dict, params: ParamsOption = PARAMS_FILE) -> None:
 def predict(paths: Annotated[list[Path], typer.Argument(help="images or folders of images")],
             model: Annotated[Optional[Path], typer.Option(help="model directory (default: output_dir)")] = None,
             top_k: Annotated[int, typer.Option("--top-k", help="labels per image")] = 5,
-            out: Annotated[Optional[Path], typer.Option(help="write the predictions to this CSV")] = None,
+            out: Annotated[Optional[Path], typer.Option(help="write the predictions to this file")] = None,
+            format: Annotated[str, typer.Option(help="format of --out: csv, or json (JSON Lines)")] = "csv",
+            workers: Annotated[int, typer.Option(help="decoding processes (a machine setting)")] = 2,
             params: ParamsOption = PARAMS_FILE) -> None:
-    """Classify images with a trained model: top-k labels and probabilities per image."""
+    """Classify images with a trained model: top-k labels and probabilities per image.
+
+    Predictions stream to --out as they are made; more than 20 images are summed up on the console.
+    """
     from pipeline import predict as stage
 
-    stage.run(paths, model, top_k, out, params)
+    stage.run(paths, model, top_k, out, params, workers, format)
 
 
 @app.command("import-weights")

@@ -1,29 +1,101 @@
-"""`mixer predict`: images or folders → top-k labels and probabilities (a rich table, optionally a CSV)."""
+"""`mixer predict`: images or folders → top-k labels and probabilities.
+
+Files decode in worker processes while the model runs; predictions stream to `--out` (CSV, or JSON
+Lines) batch by batch, so memory stays flat however many images there are. A few images are shown
+as a table; many as a summary (counts, errors, the most predicted classes).
+"""
 
 from __future__ import annotations
 
+import collections
+import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from mixer import predict
 from mixer.checkpoint import load_model
-from mixer.data import write_csv
+from mixer.data import printable, write_csv
+from mixer.errors import MixerError
+from mixer.inference import list_images, predict_batches, prediction_columns
 from pipeline.outputs import writing
 from pipeline.params import load_params
 
+FORMATS = ("csv", "json")
+TABLE_ROWS = 20  # more images than this are summed up instead of listed
 
-def run(paths: list[Path], model_dir: Path | None, top_k: int, out: Path | None, params_file: Path) -> None:
+
+def run(paths: list[Path], model_dir: Path | None, top_k: int, out: Path | None, params_file: Path,
+        workers: int = 2, format: str = "csv") -> None:
+    if format not in FORMATS:
+        raise MixerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     model = load_model(model_dir or Path(load_params(params_file).output_dir))
-    table = predict(model, paths, top_k)
+    images, skipped = list_images(paths)
+    console = Console()
+    shown: list[pd.DataFrame] = []
+    labels: collections.Counter = collections.Counter()
+    errors: list[tuple[str, str]] = []
+    started = time.perf_counter()
+    with (writing("mixer predict", out) if out is not None else nullcontext()) as staging:
+        sink = open(staging.file(out), "w", encoding="utf-8", newline="") if out is not None else None
+        try:
+            with Progress(transient=True, disable=not sys.stdout.isatty()) as bar:
+                task = bar.add_task(f"predicting {len(images)} images", total=len(images))
+                tail = pd.DataFrame(skipped, dtype=object).reindex(columns=prediction_columns(model, top_k), fill_value="")
+                for (n, chunk) in enumerate(_chunks(predict_batches(model, images, top_k, workers=workers), tail)):
+                    if sink is not None:
+                        _write(chunk, sink, format, first=n == 0)
+                    labels.update(v for v in chunk.get("label_1", []) if v)
+                    errors += [(p, e) for (p, e) in zip(chunk["path"], chunk["error"]) if e]
+                    if len(images) + len(skipped) <= TABLE_ROWS:
+                        shown.append(chunk)
+                    bar.advance(task, len(chunk))
+        finally:
+            if sink is not None:
+                sink.close()
+    seconds = time.perf_counter() - started
+    if shown:
+        _print_table(console, pd.concat(shown, ignore_index=True))
+    else:
+        _print_summary(console, len(images) + len(skipped), labels, errors, seconds)
     if out is not None:
-        with writing("mixer predict", out) as staging:
-            write_csv(table, staging.file(out))
+        console.print(Text(f"wrote {printable(out)}"))
+
+
+def _chunks(batches, tail: pd.DataFrame):
+    yield from batches
+    if len(tail):
+        yield tail
+
+
+def _write(chunk: pd.DataFrame, sink, format: str, first: bool) -> None:
+    if format == "csv":
+        write_csv(chunk, sink, header=first)
+    else:  # JSON Lines: one object per image, so a stream can be read as it grows
+        chunk.to_json(sink, orient="records", lines=True, force_ascii=False)
+
+
+def _print_table(console: Console, table: pd.DataFrame) -> None:
     view = Table(title=f"{len(table)} image(s)")
     for column in table.columns:
         view.add_column(column, overflow="fold")
     for row in table.itertuples(index=False):  # Text, not markup: a file may be called "[bold]x.jpg"
         view.add_row(*[Text(f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row])
-    Console().print(view)
+    console.print(view)
+
+
+def _print_summary(console: Console, total: int, labels: collections.Counter, errors: list[tuple[str, str]],
+                   seconds: float) -> None:
+    console.print(Text(f"{total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} images/s): "
+                       f"{sum(labels.values())} predicted, {len(errors)} could not be read"))
+    if labels:
+        console.print(Text("most predicted: " + ", ".join(f"{name} {count}" for (name, count) in labels.most_common(5))))
+    for (path, error) in errors[:3]:
+        console.print(Text(f"  {path}: {error}"))
+    if len(errors) > 3:
+        console.print(Text(f"  and {len(errors) - 3} more (see the error column of --out)"))

@@ -74,6 +74,52 @@ def test_predict_cli_writes_the_csv(model_dir, images, tmp_path):
     assert len(table) == 4 and (table["error"] != "").sum() == 1
 
 
+@pytest.fixture
+def many_images(tmp_path):
+    """45 images with two unreadable files among them: more than the console lists."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(45):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    for i in (7, 30):
+        (folder / f"{i:03d}.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_predictions_stream_in_order_in_batches_whatever_the_workers(model_dir, many_images):
+    from mixer.inference import predict_batches
+
+    model = load_model(model_dir)
+    files, _ = list_images([many_images])
+    one = list(predict_batches(model, files, top_k=2, batch_size=8, workers=1))
+    two = list(predict_batches(model, files, top_k=2, batch_size=8, workers=2))
+    assert [len(c) for c in one] == [8, 8, 8, 8, 8, 5]  # a table per batch, not one at the end
+    pd.testing.assert_frame_equal(pd.concat(one, ignore_index=True), pd.concat(two, ignore_index=True))
+    table = pd.concat(two, ignore_index=True)
+    assert list(table["path"]) == [str(f) for f in files]
+    assert list(table.index[table["error"] != ""]) == [7, 30]
+
+
+def test_many_predictions_are_summed_up_and_written_as_csv_or_json_lines(model_dir, many_images, tmp_path):
+    runner = CliRunner(env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["predict", str(many_images), "--model", str(model_dir), "--workers", "2",
+                                 "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 0, result.output
+    assert "45 images in" in result.output and "43 predicted, 2 could not be read" in result.output
+    assert "007.png" in result.output and "012.png" not in result.output  # errors listed, not every row
+    csv = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    most = csv["label_1"][csv["label_1"] != ""].value_counts()
+    assert f"most predicted: {most.index[0]} {most.iloc[0]}" in result.output
+    result = runner.invoke(app, ["predict", str(many_images), "--model", str(model_dir), "--format", "json",
+                                 "--out", str(tmp_path / "p.jsonl")])
+    assert result.exit_code == 0, result.output
+    lines = pd.read_json(tmp_path / "p.jsonl", lines=True, dtype=False)
+    assert len(lines) == 45 and list(lines["path"]) == list(csv["path"])
+    assert list(lines["label_1"]) == list(csv["label_1"])
+    assert runner.invoke(app, ["predict", str(many_images), "--model", str(model_dir), "--format", "xml"]).exit_code == 2
+
+
 def test_predict_errors(model_dir, tmp_path):
     with pytest.raises(MixerError, match="does not exist"):
         list_images([tmp_path / "nope.png"])
