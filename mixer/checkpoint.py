@@ -228,7 +228,12 @@ def _from_jax(state: dict, source: Path) -> dict:
         if "/Dense_" in m.string:
             int_groups[1] += 1  # Flax's Dense_0/Dense_1 are this project's fc1/fc2
         return f"{target.format(*int_groups)}.{param}", tensor.float().contiguous()
-    return _rename({k.lstrip("/").removeprefix("params/"): v for (k, v) in state.items()}, _JAX, convert, source)
+    return _rename({_jax_name(k): v for (k, v) in state.items()}, _JAX, convert, source)
+
+
+def _jax_name(key: str) -> str:
+    """A vit_jax `.npz` key without the optional leading '/' and 'params/' some exports add."""
+    return key.lstrip("/").removeprefix("params/")
 
 
 def infer_config(state: dict[str, torch.Tensor], gelu: str,
@@ -262,7 +267,7 @@ def convert_weights(source: Path, image_shape: tuple[int, int] | None = None) ->
     """A timm state dict or a vit_jax `.npz` as a model, its architecture inferred from the tensors."""
     source = Path(source)
     raw = read_tensors(source)
-    if any(k.startswith(("stem/", "MixerBlock_", "/stem", "params/")) for k in raw):
+    if any(_jax_name(k).startswith("stem/") for k in raw):
         state, gelu = _from_jax(raw, source), "tanh"  # the official code uses GELU's tanh form
     elif "stem.proj.weight" in raw:
         state, gelu = _from_timm(raw, source), "exact"

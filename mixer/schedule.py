@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: int, kind: str,
-              floor: float = 0.0) -> float:
+              floor: float) -> float:
     """The multiplier of the peak rate at optimizer step `step` (0-based); `floor` is a fraction."""
     e = (step + 1) / steps_per_epoch
     if warmup_epochs > 0 and e < warmup_epochs:
@@ -33,7 +33,7 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: int, 
 
 
 def build_scheduler(optimizer: Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: int,
-                    kind: str, floor: float = 0.0) -> LambdaLR:
+                    kind: str, floor: float) -> LambdaLR:
     """A torch LambdaLR over optimizer steps; call `.step()` after every optimizer step."""
     if kind not in ("cosine", "linear"):
         raise ValueError(f"unknown scheduler {kind!r}")

@@ -195,3 +195,139 @@ def test_imported_directory_records_where_the_weights_came_from(tmp_path, weight
     source = json.loads((tmp_path / "out" / "config.json").read_text())["source"]
     assert source == {"path": str(tmp_path / "timm.safetensors"),
                       "sha256": hashlib.sha256((tmp_path / "timm.safetensors").read_bytes()).hexdigest()}
+
+
+# ---- found by mutation testing (mutmut): each of these was a change no test noticed ---------------
+
+def test_a_version_1_directory_without_a_normalization_record_takes_the_papers(tmp_path):
+    model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=8, num_classes=2)
+    save_model(model, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    del meta["preprocessing"], meta["version"]
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path).preprocessing == Preprocessing("stretch", (0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model", "model_state_dict"])
+def test_common_wrappers_around_a_state_dict_are_opened(tmp_path, weights, wrapper):
+    torch.save({wrapper: as_timm(weights), "epoch": torch.tensor(3)}, tmp_path / "w.pth")
+    model = import_weights(tmp_path / "w.pth", tmp_path / "out")
+    x = torch.randn(2, 3, 16, 20)
+    assert (model.eval()(x) - mixer_forward(x, weights, (4, 5), "exact")).abs().max().item() <= 2e-5
+
+
+@pytest.mark.parametrize("prefix", ["", "/", "params/"])
+def test_vit_jax_keys_with_or_without_the_params_prefix(tmp_path, weights, prefix):
+    np.savez(tmp_path / "m.npz", **{prefix + k: v for (k, v) in as_flax(weights).items()})
+    model = import_weights(tmp_path / "m.npz", tmp_path / "out")
+    x = torch.randn(2, 3, 16, 20)
+    assert model.config.gelu == "tanh"
+    assert (model.eval()(x) - mixer_forward(x, weights, (4, 5), "tanh")).abs().max().item() <= 2e-5
+
+
+def test_a_state_dict_in_this_projects_names_imports_with_exact_gelu(tmp_path):
+    model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=8, num_classes=3)
+    torch.nn.init.normal_(model.head.weight)
+    save_file({k: v.contiguous() for (k, v) in model.state_dict().items()}, str(tmp_path / "ours.safetensors"))
+    imported = import_weights(tmp_path / "ours.safetensors", tmp_path / "out")
+    assert imported.config.gelu == "exact"
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(imported.eval()(x), model.eval()(x))
+
+
+def test_load_state_names_every_kind_of_problem_and_counts_the_rest(tmp_path):
+    from mixer.checkpoint import load_state
+
+    model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=8, num_classes=3)
+    state = {k: v for (k, v) in model.state_dict().items() if not k.startswith("blocks.0.")}
+    state["head.weight"], state["extra"] = torch.zeros(4, 8), torch.zeros(1)
+    missing = sorted(k for k in model.state_dict() if k.startswith("blocks.0."))
+    with pytest.raises(MixerError) as caught:
+        load_state(model, state, "src.pth")
+    assert str(caught.value) == (f"src.pth does not fit the model: missing {', '.join(missing[:3])} and "
+                                 f"{len(missing) - 3} more; unexpected extra; wrong shape head.weight (4, 8) != (3, 8)")
+
+
+def test_model_directory_problems_name_the_directory(tmp_path):
+    from mixer.checkpoint import read_config
+
+    with pytest.raises(MixerError, match=f"^model directory {tmp_path / 'none'} does not exist$"):
+        read_config(tmp_path / "none")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MixerError, match=f"^model directory {tmp_path / 'file'} is not a folder$"):
+        read_config(tmp_path / "file")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text('{"format": "mlp-mixer"}')  # no architecture
+    with pytest.raises(MixerError, match="is not an MLP-Mixer config"):
+        read_config(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text('{"format": "other", "architecture": {}}')
+    with pytest.raises(MixerError, match="is not an MLP-Mixer config"):
+        read_config(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text('{"a": ')
+    with pytest.raises(MixerError, match=r"config.json is not valid JSON \(Expecting value: line 1"):
+        read_config(tmp_path / "d")
+    from mixer.checkpoint import read_tensors
+
+    (tmp_path / "w.safetensors").write_bytes(b"garbage")
+    with pytest.raises(MixerError, match="w.safetensors is not a readable weights file \\(.+\\)"):
+        read_tensors(tmp_path / "w.safetensors")
+
+
+def test_saved_files_are_what_other_tools_expect(tmp_path):
+    from safetensors import safe_open
+
+    model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=8, num_classes=2)
+    model.class_names = ["猫", "犬"]
+    save_model(model, tmp_path / "a" / "b")  # missing parents are created
+    with safe_open(str(tmp_path / "a" / "b" / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers/timm check before loading
+    text = (tmp_path / "a" / "b" / "config.json").read_text(encoding="utf-8")
+    assert '"猫"' in text and text.startswith('{\n  "format"') and text.endswith("}\n")  # readable in a diff
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_atomic_write_errors_are_user_errors_only_when_the_system_refuses(tmp_path):
+    import errno
+
+    from mixer.checkpoint import atomic_write
+
+    (tmp_path / "keep.txt").write_text("before")
+
+    def refused(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(MixerError, match=f"^cannot write {tmp_path / 'keep.txt'}: No space left on device$"):
+        atomic_write(tmp_path / "keep.txt", refused)
+
+    def bug(tmp):
+        raise OSError("not from the system")
+
+    with pytest.raises(OSError, match="not from the system"):
+        atomic_write(tmp_path / "keep.txt", bug)
+    assert (tmp_path / "keep.txt").read_text() == "before"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]  # no temporary file left behind
+
+
+def test_an_npz_with_pickled_objects_is_refused(tmp_path, weights):
+    arrays = as_flax(weights)
+    arrays["head/kernel"] = np.array([object()], dtype=object)
+    np.savez(tmp_path / "evil.npz", **arrays)
+    with pytest.raises(MixerError, match="evil.npz is not a readable weights file \\(Object arrays cannot be loaded"):
+        import_weights(tmp_path / "evil.npz", tmp_path / "out")
+
+
+def test_a_tensor_a_layout_does_not_have_is_named(tmp_path, weights):
+    save_file({**as_timm(weights), "pre_logits.weight": torch.zeros(2)}, str(tmp_path / "t.safetensors"))
+    with pytest.raises(MixerError, match="t.safetensors: unexpected tensor 'pre_logits.weight' for this layout"):
+        import_weights(tmp_path / "t.safetensors", tmp_path / "out")
+
+
+@pytest.mark.parametrize(("key", "name"), [("blocks.0.mlp_tokens.fc1.weight", "blocks.0.token_mlp.fc1.weight"),
+                                           ("blocks.0.mlp_channels.fc1.weight", "blocks.0.channel_mlp.fc1.weight"),
+                                           ("head.weight", "head.weight")])
+def test_each_tensor_the_architecture_is_read_from_must_have_its_rank(tmp_path, weights, key, name):
+    state = {k: v.contiguous() for (k, v) in as_timm(weights).items()}
+    state[key] = state[key].flatten().contiguous()
+    save_file(state, str(tmp_path / "r.safetensors"))
+    with pytest.raises(MixerError, match=f"not an MLP-Mixer checkpoint: {name} has 1 dimensions, not 2"):
+        import_weights(tmp_path / "r.safetensors", tmp_path / "out")

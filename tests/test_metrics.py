@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -45,6 +46,21 @@ def test_scores_on_a_hand_computed_case():
     np.testing.assert_allclose(s.probabilities.sum(1), 1, rtol=1e-6)
 
 
-def test_no_top5_below_five_classes():
+def test_accuracy_top5_and_predictions_where_right_and_wrong_are_not_half_and_half():
+    # the true class is 1st, 1st, 4th (in the top 5 but not the top 2) and 6th (outside the top 5)
+    logits = torch.tensor([[9.0, 0, 0, 0, 0, 0], [0, 9.0, 0, 0, 0, 0],
+                           [6.0, 5, 4, 3, 2, 1], [6.0, 5, 4, 3, 2, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a class never predicted must not warn (zero_division)
+        s = score(logits, torch.tensor([0, 1, 3, 5]), CLASSES)
+    assert s.accuracy == 0.5 and s.top5_accuracy == 0.75
+    s = score(logits[:3], torch.tensor([0, 1, 3]), CLASSES)
+    assert s.accuracy == pytest.approx(2 / 3) and s.top5_accuracy == 1.0
+    assert s.predicted.tolist() == [0, 1, 0]
+
+
+def test_top5_from_five_classes_and_none_below():
+    five = torch.tensor([[5.0, 4, 3, 2, 1], [1.0, 2, 3, 4, 5]])
+    assert score(five, torch.tensor([4, 0]), CLASSES[:5]).top5_accuracy == 1.0
     s = score(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), torch.tensor([0, 2]), ["x", "y", "z"])
     assert s.top5_accuracy is None and s.accuracy == 0.5

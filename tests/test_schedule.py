@@ -35,7 +35,8 @@ def test_closed_form_values_cosine():
 def test_closed_form_values_linear_with_floor():
     r = rates(4, 10, 2, "linear", floor=0.1)
     assert r[7] == pytest.approx(0.1)                           # e = 2: peak
-    assert r[23] == pytest.approx(0.1 * (0.1 + 0.9 * (1 - 4 / 8)))  # e = 6
+    assert r[23] == pytest.approx(0.1 * (0.1 + 0.9 * (1 - 4 / 8)))  # e = 6: t = 1/2, where cosine agrees
+    assert r[15] == pytest.approx(0.1 * (0.1 + 0.9 * (1 - 2 / 8)))  # e = 4: t = 1/4, where it does not
     assert r[-1] == pytest.approx(0.1 * 0.1)                    # e = 10: floor
 
 
@@ -67,8 +68,22 @@ def test_one_epoch_runs_do_not_flip():
     assert r[-1] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_one_warm_up_epoch_warms_up_and_the_rate_stays_at_the_floor_after_the_last_step():
+    assert lr_factor(0, 10, 3, 1, "cosine", 0.0) == pytest.approx(0.1)  # e = 0.1 of 1 warm-up epoch
+    # torch's scheduler computes the rate once more after the last optimizer step (e = T + 1/spe):
+    # it must stay at the floor, not swing back up the cosine
+    assert lr_factor(30, 10, 3, 1, "cosine", 0.2) == pytest.approx(0.2)
+    assert lr_factor(30, 10, 3, 1, "linear", 0.2) == pytest.approx(0.2)
+
+
+def test_an_unknown_kind_is_named():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(ValueError, match="unknown scheduler 'step'"):
+        build_scheduler(opt, 10, 3, 1, "step", 0.0)
+
+
 def test_lr_factor_is_pure():
-    assert lr_factor(9, 10, 3, 1, "linear") == pytest.approx(1.0)
-    assert lr_factor(19, 10, 3, 1, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 3, 1, "linear", 0.0) == pytest.approx(1.0)
+    assert lr_factor(19, 10, 3, 1, "linear", 0.0) == pytest.approx(0.5)
     with pytest.raises(ValueError):
-        build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), 1, 1, 0, "step")
+        build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), 1, 1, 0, "step", 0.0)
