@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -80,12 +81,18 @@ def predict_batches(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_si
         pending.clear()
         return _table(rows, columns)
 
-    for (index, array, _, error) in decode_many(jobs, workers, ordered=True):
-        pending.append((paths[index], array, error))
-        if len(pending) >= batch_size:
+    threads = torch.get_num_threads()
+    if workers > 1:  # leave the decoding processes their cores: idle torch threads spin and take them
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+    try:
+        for (index, array, _, error) in decode_many(jobs, workers, ordered=True):
+            pending.append((paths[index], array, error))
+            if len(pending) >= batch_size:
+                yield flush()
+        if pending:
             yield flush()
-    if pending:
-        yield flush()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def prediction_columns(model: MlpMixer, top_k: int) -> list[str]:

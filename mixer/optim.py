@@ -20,7 +20,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
                     weight_decay: float) -> torch.optim.Optimizer:
-    """SGD with momentum (the original script) or AdamW with betas (momentum, 0.999) (the paper)."""
+    """SGD with momentum or AdamW with betas (momentum, 0.999), the paper's optimizer."""
     groups = param_groups(model, weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)

@@ -1,8 +1,7 @@
 """Learning-rate schedule: linear warm-up, then cosine or linear decay to a floor, per optimizer step.
 
-The original script stepped epoch-count schedulers once per batch, so its linear warm-up grew
-without bound and its cosine flipped between 0 and 1. Here the rate is a function of the
-fractional epoch e = (step + 1) / steps_per_epoch, the share of training done after this step:
+The rate is a function of the fractional epoch e = (step + 1) / steps_per_epoch, the share of
+training done after this step, so it is stepped once per optimizer step whatever the epoch length:
 
     e <  W:  lr · e / W                                   (warm-up; W = warmup epochs)
     e >= W:  floor + (lr - floor) · d((e - W) / (T - W))   (T = total epochs)

@@ -1,7 +1,8 @@
-"""The paper's equations in plain tensor ops, written apart from mixer/model.py.
+"""The paper's equations in plain tensor ops, written apart from mixer/model.py on purpose.
 
-Weights come as a dict in the paper's own terms (no nn.Module), so tests can compare the model
-and imported checkpoints against an independent computation.
+This is a second, independent statement of the block (mixer/bench.py's ReferenceMixer is the
+third): weights come as a dict in the paper's own terms (no nn.Module), so tests compare the model
+and imported checkpoints against a computation that shares no code with them. Keep it separate.
 """
 
 from __future__ import annotations
