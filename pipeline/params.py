@@ -51,6 +51,8 @@ class Params:
     checkpoint: str | None = _p(None, "weights to fine-tune: a model directory, a weights file, "
                                 "hf-hub:owner/name[@revision] or an https:// URL; its input size wins "
                                 "over image_shape", "prepare train", None)
+    freeze: str = _p("none", "none: train every weight; features: train only the head (a linear probe of "
+                     "the checkpoint's features)", "train")
     output_dir: str = _p("output", "where the trained model is written", "train evaluate", "output/")
     batch_size: int = _p(64, "images per optimizer step and process", "train", 16)
     lr: float = _p(3.0e-3, "peak learning rate", "train", 1.0e-3)
@@ -171,6 +173,9 @@ def _validate(p: Params) -> None:
         need(p.variant in VARIANTS, f"variant must be one of {' '.join(VARIANTS)} or null, got {p.variant!r}")
     need(p.warmup_step >= 0, f"warmup_step must be 0 or more, got {p.warmup_step}")
     need(p.scheduler in ("cosine", "linear"), f"scheduler must be 'cosine' or 'linear', got {p.scheduler!r}")
+    need(p.freeze in ("none", "features"), f"freeze must be 'none' or 'features', got {p.freeze!r}")
+    need(p.freeze == "none" or p.checkpoint is not None,
+         "freeze: features trains only the head, so it needs a checkpoint to take the features from")
     need(p.optimizer in ("sgd", "adamw"), f"optimizer must be 'sgd' or 'adamw', got {p.optimizer!r}")
     need(p.resize in RESIZE_POLICIES, f"resize must be {' or '.join(map(repr, RESIZE_POLICIES))}, got {p.resize!r}")
     need(0 <= p.seed < 2**32, f"seed must be in 0 .. 2**32 - 1, got {p.seed}")

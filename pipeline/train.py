@@ -71,6 +71,9 @@ def build_model(p: Params, classes: list[str], resize: str, image_shape: tuple[i
     model = load_pretrained(p.checkpoint).train()
     model = adapt_for_finetuning(model, p, classes)
     model.preprocessing = replace(model.preprocessing, resize=resize)  # the weights' normalisation, our resize
+    if p.freeze == "features":  # the paper's linear probe: only the head learns
+        for (name, parameter) in model.named_parameters():
+            parameter.requires_grad_(name.startswith("head."))
     return model
 
 

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -127,6 +128,27 @@ def test_fine_tuning_takes_the_checkpoints_input_size_and_says_so(runner, projec
     assert "image_shape [16, 16] from checkpoint ck (params say [8, 8])" in result.output
     assert "patch_shape = (4, 4) from checkpoint ck (params say (2, 2))" in result.output
     assert json.loads((project / "output" / "config.json").read_text())["architecture"]["image_shape"] == [16, 16]
+
+
+def test_freeze_features_trains_only_the_head(runner, project):
+    from safetensors.torch import load_file
+
+    from mixer.checkpoint import save_model
+    from mixer.model import create_model
+
+    save_model(create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=1, dim=16, num_classes=3), project / "ck")
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    result = runner.invoke(app, ["train", "--checkpoint", "ck", "--freeze", "features", *TINY])
+    assert result.exit_code == 0, result.output
+    before, after = load_file(str(project / "ck" / "model.safetensors")), load_file(str(project / "output" / "model.safetensors"))
+    assert set(before) == set(after)
+    for (name, tensor) in before.items():
+        if name.startswith("head."):
+            assert not torch.equal(after[name], tensor), name  # the head learned
+        else:
+            assert torch.equal(after[name], tensor), name  # every feature weight is the checkpoint's
+    result = runner.invoke(app, ["train", "--freeze", "features", *TINY])
+    assert result.exit_code == 2 and "freeze: features trains only the head, so it needs a checkpoint" in result.output
 
 
 def snapshot(root):
