@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from mixer.model import VARIANTS, MixerConfig, MlpMixer, create_model
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["VARIANTS", "MixerConfig", "MlpMixer", "create_model", "load_model", "predict"]
 
@@ -27,7 +29,10 @@ def load_model(spec: str | Path, device: str = "cpu") -> MlpMixer:
 
 def predict(model: MlpMixer, images: list[str | Path], top_k: int = 5) -> pd.DataFrame:
     """Classify image files and folders of them: path, top-k labels and probabilities, or the error
-    that kept a file unread, one row per image in the order given."""
+    that kept a file unread, one row per image in the order given (files skipped while listing a
+    folder, such as FIFOs or link loops, come last with their reason)."""
+    import pandas as pd
+
     from mixer.inference import list_images, predict_files
 
     found, skipped = list_images([Path(p) for p in images])

@@ -11,6 +11,7 @@ names only the checkpoint.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -120,8 +121,9 @@ def _hub_file(repo: str, filename: str, revision: str | None) -> Path | None:
         raise MixerError(f"{where}: the repository has no revision {revision!r}") from None
     except errors.HFValidationError as exc:
         raise MixerError(f"{where}: {str(exc).splitlines()[0]}") from None
-    except (errors.HfHubHTTPError, OSError) as exc:
-        raise MixerError(f"{where}: cannot download {filename} ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # HTTP errors, and the HTTP client's own (connection, timeout) after retries
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MixerError(f"{where}: cannot download {filename} ({text}); check the network") from None
 
 
 def _from_hub(spec: str, image_shape: tuple[int, int] | None) -> MlpMixer:
@@ -136,10 +138,7 @@ def _from_hub(spec: str, image_shape: tuple[int, int] | None) -> MlpMixer:
             break
     if weights is None:
         raise not_cached or MixerError(f"{spec}: the repository has neither {' nor '.join(HUB_WEIGHTS)}")
-    try:
-        config_path = _hub_file(repo, CONFIG, revision)
-    except _NotCached:
-        config_path = None
+    config_path = _hub_file(repo, CONFIG, revision)  # not cached while the weights are: an error, not a guess
     timm = _read_json(config_path, spec) if config_path is not None else {}
     pretrained = timm.get("pretrained_cfg") if isinstance(timm.get("pretrained_cfg"), dict) else {}
     size = pretrained.get("input_size")
@@ -173,25 +172,34 @@ def _read_json(path: Path, spec: str) -> dict:
 def download(url: str, timeout: float = 60.0) -> tuple[Path, dict]:
     """A URL's file, fetched once into the cache (keyed by the URL); `#sha256=<hex>` is verified.
 
-    A partial download never enters the cache: it is written beside it and renamed when complete.
+    A partial download never enters the cache: it is written beside it, its size checked against
+    what the server announced, and renamed when complete.
     """
-    parsed = urllib.parse.urlsplit(url)
-    expected = urllib.parse.parse_qs(parsed.fragment).get("sha256", [None])[0]
-    plain = urllib.parse.urlunsplit(parsed._replace(fragment=""))
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        expected = urllib.parse.parse_qs(parsed.fragment).get("sha256", [None])[0]
+        plain = urllib.parse.urlunsplit(parsed._replace(fragment=""))
+    except ValueError as exc:
+        raise MixerError(f"{url} is not a valid URL ({exc})") from None
     name = Path(urllib.parse.unquote(parsed.path)).name or "weights"
     if not name.endswith((".npz", ".safetensors", ".pth", ".pt", ".bin")):
         raise MixerError(f"{url}: the file name must end in .npz, .safetensors, .pth, .pt or .bin")
     folder = cache_dir() / "urls" / hashlib.sha256(plain.encode()).hexdigest()[:24]
     path = folder / name
-    if not path.is_file():
+    fetched = not path.is_file()
+    if fetched:
         tmp = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-")
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(plain, timeout=timeout) as response:
                 shutil.copyfileobj(response, out, 1 << 20)
+                announced = response.headers.get("Content-Length")
+                if announced is not None and out.tell() != int(announced):
+                    raise MixerError(f"cannot download {url}: the connection ended after {out.tell()} of "
+                                     f"{announced} bytes; try again")
             os.replace(tmp, path)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
             raise MixerError(f"cannot download {url} ({reason}); check the address and the network") from None
         finally:
@@ -199,6 +207,8 @@ def download(url: str, timeout: float = 60.0) -> tuple[Path, dict]:
                 os.unlink(tmp)
     digest = sha256_file(path)
     if expected is not None and digest != expected.lower():
-        path.unlink()
-        raise MixerError(f"{url}: sha256 {digest} is not the {expected} the URL asks for; the download was removed")
+        if fetched:
+            path.unlink()
+        raise MixerError(f"{url}: sha256 {digest} is not the {expected} the URL asks for"
+                         + ("; the download was removed" if fetched else f"; delete {path} to download it again"))
     return path, {"url": plain}

@@ -166,10 +166,10 @@ def _validate(p: Params) -> None:
         need(getattr(p, key) is None or getattr(p, key) >= 1, f"{key} must be at least 1 or null")
     need(all(v >= 1 for v in p.image_shape), f"image_shape must be positive, got {list(p.image_shape)}")
     need(all(v >= 1 for v in p.patch_shape), f"patch_shape must be positive, got {list(p.patch_shape)}")
-    if p.variant is None:
+    if p.variant is None and p.checkpoint is None:  # a checkpoint brings its own input size and patches
         need(p.image_shape[0] % p.patch_shape[0] == 0 and p.image_shape[1] % p.patch_shape[1] == 0,
              f"image_shape {list(p.image_shape)} is not divisible by patch_shape {list(p.patch_shape)}")
-    else:
+    if p.variant is not None:
         need(p.variant in VARIANTS, f"variant must be one of {' '.join(VARIANTS)} or null, got {p.variant!r}")
     need(p.warmup_step >= 0, f"warmup_step must be 0 or more, got {p.warmup_step}")
     need(p.scheduler in ("cosine", "linear"), f"scheduler must be 'cosine' or 'linear', got {p.scheduler!r}")

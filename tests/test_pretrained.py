@@ -151,5 +151,44 @@ def test_a_url_is_downloaded_once_into_the_cache_and_checked(tmp_path, monkeypat
     with torch.inference_mode():
         assert (model.eval()(x) - mixer_forward(x, weights, (4, 4), "tanh")).abs().max().item() <= 2e-5
     assert json.loads((tmp_path / "again" / "config.json").read_text())["source"] == {"url": url, "sha256": digest}
-    assert not (tmp_path / "bad").exists()
     assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == ["mixer.npz"]
+
+
+def test_a_cut_download_never_enters_the_cache_and_a_wrong_checksum_keeps_a_good_file(tmp_path, monkeypatch):
+    from mixer.errors import MixerError
+    from mixer.pretrained import download
+
+    class Truncating(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 102)  # then the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("MIXER_CACHE", str(tmp_path / "cache"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Truncating)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(MixerError, match="the connection ended after 102 of 100000 bytes"):
+            download(f"http://127.0.0.1:{httpd.server_port}/w.npz")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    for bad in ("https://exa mple.com/x.npz", "https://example.com:abc/x.npz", "https://[::1/x.npz"):
+        with pytest.raises(MixerError, match="not a valid URL|cannot download"):
+            download(bad)
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "w.npz").write_bytes(b"weights")
+    server = _Server(tmp_path / "site")
+    try:
+        path, _ = download(f"{server.url}/w.npz")
+        with pytest.raises(MixerError, match=f"delete {path} to download it again"):
+            download(f"{server.url}/w.npz#sha256={'0' * 64}")  # a typo in the checksum
+    finally:
+        server.close()
+    assert path.read_bytes() == b"weights"  # the good file is kept
