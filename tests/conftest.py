@@ -42,6 +42,15 @@ def git_env() -> dict:
     return env
 
 
+def read_until(process: subprocess.Popen, text: str, seen: list[str]) -> str:
+    """Read a running process's output until a line holds `text`; every line read is kept in `seen`."""
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return line
+    raise AssertionError(f"the process ended before printing {text!r}:\n{''.join(seen)}")
+
+
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env or git_env(), capture_output=True, text=True, timeout=timeout)
 

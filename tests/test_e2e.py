@@ -16,9 +16,8 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
+from conftest import ROOT, git_env, read_until, run
 from safetensors.torch import load_file
-
-from conftest import ROOT, git_env, run
 
 pytestmark = pytest.mark.slow
 TINY = dict(num_steps=2, depth=1, dim=32, warmup_step=1)
@@ -112,10 +111,10 @@ def test_dvc_exp_run_set_param_as_written(repo):
 
 def test_fine_tune_an_imported_checkpoint_through_dvc(repo):
     import torch
+    from reference import as_timm, random_weights
     from safetensors.torch import save_file
 
     from mixer.checkpoint import load_model
-    from reference import as_timm, random_weights
 
     # a timm-layout model on the default grid (12×12 images, 3×3 patches: 16 patches), 5 classes
     weights = as_timm(random_weights(3, (3, 3), 16, 32, 16, 64, 1, 5))
@@ -150,14 +149,6 @@ def test_dvc_repro_on_a_user_image_folder(repo):
 def start_repro(repo: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-
-
-def read_until(process: subprocess.Popen, text: str, seen: list[str]) -> str:
-    for line in process.stdout:
-        seen.append(line)
-        if text in line:
-            return line
-    raise AssertionError(f"dvc repro ended before printing {text!r}:\n{''.join(seen)}")
 
 
 def kill_group(process: subprocess.Popen, sig=signal.SIGKILL) -> None:
@@ -301,9 +292,9 @@ def test_a_queued_grid_on_a_tracked_folder_ranks_and_applies(repo):
 
 def test_fine_tune_from_an_offline_hub_cache_setting_only_the_checkpoint(repo, tmp_path):
     import torch
+    from test_pretrained import COMMIT, add_snapshot, timm_weights
 
     from mixer.checkpoint import load_model
-    from test_pretrained import COMMIT, add_snapshot, timm_weights
 
     add_snapshot(tmp_path / "hf", "someone/mixer-tiny", COMMIT, timm_weights(0))
     env = {**tool_env(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}

@@ -3,7 +3,6 @@ then the same command again continues the run."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -14,9 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import ROOT, make_image_folder, read_until, write_params
 from safetensors.torch import load_file
-
-from conftest import ROOT, make_image_folder, write_params
 from test_e2e import ok, tool_env
 
 pytestmark = pytest.mark.slow
@@ -70,15 +68,6 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(project, kin
     assert max_difference(one, weights(project / "one_small")) > 1e-3
 
 
-def lines_until(process: subprocess.Popen, text: str, seen: list[str]) -> str:
-    """Read the process's output until a line holds `text`; every line read is kept in `seen`."""
-    for line in process.stdout:
-        seen.append(line)
-        if text in line:
-            return line
-    raise AssertionError(f"the run ended before printing {text!r}:\n{''.join(seen)}")
-
-
 # 180 images: 126 train (per class 42 of 60), batch 4: 31 optimizer steps an epoch, 124 in all. A checkpoint
 # every 7 steps and at each epoch's end: steps 7, 14, 21, 28, 31, 38, ...
 RUN = ["train", *COMMON, "--batch-size", "4", "--num-steps", "4", "--ema-decay", "0.9", "--crop-scale", "0.6", "1.0",
@@ -118,7 +107,7 @@ def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path)
 
     seen: list[str] = []
     run = start(args, project)
-    lines_until(run, "checkpoint: step 14 (epoch 1)", seen)
+    read_until(run, "checkpoint: step 14 (epoch 1)", seen)
     run.kill()
     run.wait()
     assert not any(p.name.endswith(".tmp") for p in checkpoints.iterdir())  # the next run removed the leftover
@@ -127,8 +116,8 @@ def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path)
 
     seen = []
     run = start(args, project)
-    assert "continuing from checkpoints/crashed/last.pt: epoch 1, step 14" in lines_until(run, "continuing", seen)
-    lines_until(run, "checkpoint: step 38 (epoch 2)", seen)
+    assert "continuing from checkpoints/crashed/last.pt: epoch 1, step 14" in read_until(run, "continuing", seen)
+    read_until(run, "checkpoint: step 38 (epoch 2)", seen)
     run.send_signal(signal.SIGTERM)
     started = time.monotonic()
     rest = run.communicate(timeout=30)[0]
@@ -149,7 +138,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_continues(p
     train_args = ["train", *COMMON, *SGD, "--batch-size", "4", "--output-dir", "ddp", "--checkpoint-every", "3"]
     seen: list[str] = []
     run = start(launcher("torchrun") + train_args, project)
-    lines_until(run, "checkpoint: step 6 ", seen)
+    read_until(run, "checkpoint: step 6 ", seen)
     ranks = [p for p in psutil.Process(run.pid).children(recursive=True) if "mixer" in " ".join(p.cmdline())]
     rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGTERM)
