@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from mixer.errors import MixerError
-from mixer.model import VARIANTS
+from mixer.model import VARIANTS, MixerConfig
 from mixer.preprocess import RESIZE_POLICIES
 from mixer.pretrained import pretrained_config
 
@@ -102,12 +102,13 @@ def stage_keys(stage: str) -> list[str]:
     return [f.name for f in fields(Params) if stage in f.metadata["stages"] or stage == "check"]
 
 
-def input_shape(p: Params) -> tuple[int, int]:
+def input_shape(p: Params, checkpoint_config: MixerConfig | None = None) -> tuple[int, int]:
     """The images' size: `image_shape`, or when fine-tuning the checkpoint's (its token-mixing
-    weights are tied to its patch grid, so no other size fits it)."""
+    weights are tied to its patch grid, so no other size fits it). `checkpoint_config`: the
+    checkpoint's architecture when the caller has already loaded it."""
     if p.checkpoint is None:
         return p.image_shape
-    shape = pretrained_config(p.checkpoint).image_shape
+    shape = (checkpoint_config or pretrained_config(p.checkpoint)).image_shape
     if shape != p.image_shape:
         print(f"note: image_shape {list(shape)} from checkpoint {p.checkpoint} (params say {list(p.image_shape)})")
     return shape

@@ -64,12 +64,12 @@ def architecture(p: Params, num_classes: int, image_shape: tuple[int, int]) -> M
     return create_model(p.variant, **fields).config
 
 
-def build_model(p: Params, classes: list[str], resize: str, image_shape: tuple[int, int]) -> MlpMixer:
-    """A fresh Mixer from the params, or the `checkpoint` to fine-tune (see mixer.pretrained)."""
-    if p.checkpoint is None:
+def build_model(p: Params, classes: list[str], resize: str, image_shape: tuple[int, int],
+                pretrained: MlpMixer | None) -> MlpMixer:
+    """A fresh Mixer from the params, or the loaded `checkpoint` (mixer.pretrained) to fine-tune."""
+    if pretrained is None:
         return MlpMixer(architecture(p, len(classes), image_shape), classes, Preprocessing(resize))
-    model = load_pretrained(p.checkpoint).train()
-    model = adapt_for_finetuning(model, p, classes)
+    model = adapt_for_finetuning(pretrained.train(), p, classes)
     model.preprocessing = replace(model.preprocessing, resize=resize)  # the weights' normalisation, our resize
     if p.freeze == "features":  # the paper's linear probe: only the head learns
         for (name, parameter) in model.named_parameters():
@@ -213,10 +213,11 @@ def writable_folder(path: Path) -> None:
 def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | None, bar: bool | None) -> dict:
     p = load_params(params_file, overrides)
     prepared = open_prepared(PREPARED)
-    image_shape = input_shape(p)
+    pretrained = load_pretrained(p.checkpoint) if p.checkpoint is not None else None  # loaded once
+    image_shape = input_shape(p, pretrained.config if pretrained is not None else None)
     check_prepared(p, prepared, image_shape)
     torch.manual_seed(p.seed)  # the initialisation: the same on every rank and every run
-    model = build_model(p, prepared.classes, prepared.resize, image_shape)
+    model = build_model(p, prepared.classes, prepared.resize, image_shape, pretrained)
     train_split, val_split = prepared.split("train"), prepared.split("val")
     config = train_config(p)
     steps_per_epoch(len(train_split), config, int(os.environ.get("WORLD_SIZE", "1")))  # before touching any file
