@@ -7,7 +7,6 @@ same `mixer train`) continues the run. Both outputs are replaced only when train
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import signal
@@ -29,6 +28,7 @@ from mixer.model import MixerConfig, MlpMixer, create_model
 from mixer.pretrained import load_pretrained
 from mixer.preprocess import Preprocessing
 from mixer.train_state import TrainState
+from pipeline.orphan import stop_when_dvc_dies
 from pipeline.outputs import writing
 from pipeline.params import Params, input_shape, load_params, stage_keys
 from pipeline.paths import CHECKPOINTS, PREPARED, TRAIN_LOG
@@ -185,18 +185,6 @@ def stop_on_signals() -> Iterator[Stop]:
     finally:
         for (s, h) in previous.items():
             signal.signal(s, h)
-
-
-def stop_when_dvc_dies() -> None:
-    """Under DVC, a killed `dvc repro` must not leave this run training as an orphan: ask the kernel
-    for SIGTERM (a clean checkpoint and stop) when the parent dies."""
-    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # it died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def writable_folder(path: Path) -> None:

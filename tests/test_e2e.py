@@ -215,15 +215,19 @@ def test_dvc_repro_killed_at_any_moment_continues_to_the_same_weights(template, 
     assert "Data and pipelines are up to date" in ok(["dvc", "status"], repo)
 
 
-def test_killing_dvc_alone_stops_its_training_instead_of_orphaning_it(repo):
-    """Only `dvc repro` is killed (not its process group): the kernel's parent-death signal turns that
-    into a SIGTERM for `mixer train`, which checkpoints and stops; the next `dvc repro` continues."""
+@pytest.mark.parametrize("shell", ["/bin/bash", "/bin/dash"])
+def test_killing_dvc_alone_stops_its_training_instead_of_orphaning_it(repo, shell):
+    """Only `dvc repro` is killed (not its process group): `mixer train` gets a SIGTERM, checkpoints and
+    stops; the next `dvc repro` continues. DVC runs the command through $SHELL: bash replaces itself
+    with it (DVC is its parent), dash stays in between (DVC is its grandparent)."""
     set_params(repo, num_steps=30)
-    env = dict(tool_env(), MIXER_CHECKPOINT_EVERY="5")
+    env = dict(tool_env(), MIXER_CHECKPOINT_EVERY="5", SHELL=shell)
     seen: list[str] = []
     dvc = start_repro(repo, env)
     read_until(dvc, "checkpoint: step 5 ", seen)
-    trainer = next(p for p in psutil.Process(dvc.pid).children(recursive=True) if "train" in " ".join(p.cmdline()))
+    trainer = next(p for p in psutil.Process(dvc.pid).children(recursive=True)
+                   if "train" in " ".join(p.cmdline()) and p.name() not in ("bash", "dash"))
+    assert (trainer.ppid() == dvc.pid) == (shell == "/bin/bash")
     dvc.kill()
     dvc.wait()
     gone, alive = psutil.wait_procs([trainer], timeout=10)
