@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from mixer.model import MlpMixer
 from mixer.optim import build_optimizer, make_ema
 from mixer.preprocess import Preprocessing
 from mixer.schedule import build_scheduler
-from mixer.train_state import TrainState
+from mixer.train_state import CheckpointTimer, Every, TrainState, start_or_continue
 
 
 @dataclass(frozen=True)
@@ -56,25 +55,6 @@ class TrainConfig:
     seed: int
     eval_batch_size: int
     augment: AugmentConfig
-
-
-@dataclass(frozen=True)
-class Every:
-    """A checkpoint interval: a number of optimizer steps or of seconds."""
-
-    steps: int | None = None
-    seconds: float | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "Every":
-        """'500' (optimizer steps), '90s', '10m' or '2h'."""
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
-        if m is None or float(m.group(1)) <= 0 or (not m.group(2) and "." in m.group(1)):
-            raise MixerError(f"--checkpoint-every must be a number of steps (500) or a time (90s, 10m, 2h), "
-                             f"got {text!r}")
-        if not m.group(2):
-            return cls(steps=int(m.group(1)))
-        return cls(seconds=float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)])
 
 
 @dataclass(frozen=True)
@@ -190,7 +170,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     # The global batch, not the per-process one: one process × 2B continues two processes × B.
     fingerprint = {**(fingerprint or {}), "global_batch": config.batch_size * world}
     state = start_or_continue(Path(run_dir), fingerprint, resume, config.epochs, main, model, optimizer, scheduler,
-                              ema, reporter)
+                              ema, reporter.note)
     model, optimizer = accelerator.prepare(model, optimizer)
     if machine.compile:
         model = torch.compile(model)
@@ -281,31 +261,6 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     return Result(final, state.history[-1], state, main)
 
 
-def start_or_continue(run_dir: Path, fingerprint: dict, resume: bool | None, epochs: int, main: bool, model,
-                      optimizer, scheduler, ema, reporter: Reporter) -> TrainState:
-    """The state to start from: this run's checkpoint in `run_dir`, or a fresh one (see `train`)."""
-    path = run_dir / train_state.LAST
-    if main:
-        train_state.remove_temporaries(run_dir)
-    payload = train_state.read(run_dir) if resume is not False else None
-    if payload is None:
-        if resume:
-            reporter.note(f"no checkpoint at {path}: starting from scratch")
-        return TrainState(fingerprint)
-    changed = train_state.differences(payload["fingerprint"], fingerprint)
-    if changed and resume:
-        raise MixerError(f"cannot resume: {path} is of another run ({'; '.join(changed)}); train without "
-                         "--resume to start a new run")
-    if changed:
-        reporter.note(f"starting a new run: {path} is of another run ({'; '.join(changed)}); it stays until this "
-                      "run writes its first checkpoint")
-        return TrainState(fingerprint)
-    state = train_state.restore(payload, path, model, optimizer, scheduler, ema)
-    reporter.note(f"continuing from {path}: epoch {state.epoch + 1}, step {state.step}" if state.epoch < epochs
-                  else f"{path} holds this run, complete: writing its model")
-    return state
-
-
 def agree(accelerator, stop: threading.Event | None, due: bool) -> tuple[bool, bool]:
     """Whether any process was asked to stop, and whether any has a checkpoint due: all ranks agree."""
     flags = [stop is not None and stop.is_set(), due]
@@ -316,21 +271,3 @@ def agree(accelerator, stop: threading.Event | None, due: bool) -> tuple[bool, b
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         flags = [bool(v) for v in tensor.tolist()]
     return flags[0], flags[1]
-
-
-class CheckpointTimer:
-    """Says when a mid-epoch checkpoint is due: every N optimizer steps or T seconds."""
-
-    def __init__(self, every: Every | None, step: int):
-        self.every = every
-        self.restart(step)
-
-    def restart(self, step: int) -> None:
-        self.step, self.time = step, time.monotonic()
-
-    def due(self, step: int) -> bool:
-        if self.every is None:
-            return False
-        if self.every.steps is not None:
-            return step - self.step >= self.every.steps
-        return time.monotonic() - self.time >= self.every.seconds

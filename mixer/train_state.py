@@ -1,4 +1,5 @@
-"""The resumable state of a training run: `last.pt` in the run's checkpoint folder.
+"""The resumable state of a training run: `last.pt` in the run's checkpoint folder, when it is
+written (`Every`, `CheckpointTimer`) and whether a run continues from it (`start_or_continue`).
 
 One file holds everything a run needs to continue exactly: weights, optimizer, schedule and EMA,
 the position (epoch and optimizer step within it), the per-epoch history and the running sums of
@@ -10,7 +11,9 @@ run is never loaded. Files are written to a temporary name and renamed, and read
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,25 @@ from mixer.errors import MixerError
 LAST = "last.pt"
 BEST = "best"  # a model directory: the weights of the epoch with the best val accuracy
 FORMAT = 2
+
+
+@dataclass(frozen=True)
+class Every:
+    """A checkpoint interval: a number of optimizer steps or of seconds."""
+
+    steps: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Every":
+        """'500' (optimizer steps), '90s', '10m' or '2h'."""
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+        if m is None or float(m.group(1)) <= 0 or (not m.group(2) and "." in m.group(1)):
+            raise MixerError(f"--checkpoint-every must be a number of steps (500) or a time (90s, 10m, 2h), "
+                             f"got {text!r}")
+        if not m.group(2):
+            return cls(steps=int(m.group(1)))
+        return cls(seconds=float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)])
 
 
 @dataclass
@@ -108,3 +130,46 @@ def remove_temporaries(directory: Path) -> list[Path]:
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers
+
+
+def start_or_continue(run_dir: Path, fingerprint: dict, resume: bool | None, epochs: int, main: bool, model,
+                      optimizer, scheduler, ema, note: Callable[[str], None]) -> TrainState:
+    """The state to start from: this run's checkpoint in `run_dir`, or a fresh one (see `train`)."""
+    path = run_dir / LAST
+    if main:
+        remove_temporaries(run_dir)
+    payload = read(run_dir) if resume is not False else None
+    if payload is None:
+        if resume:
+            note(f"no checkpoint at {path}: starting from scratch")
+        return TrainState(fingerprint)
+    changed = differences(payload["fingerprint"], fingerprint)
+    if changed and resume:
+        raise MixerError(f"cannot resume: {path} is of another run ({'; '.join(changed)}); train without "
+                         "--resume to start a new run")
+    if changed:
+        note(f"starting a new run: {path} is of another run ({'; '.join(changed)}); it stays until this "
+             "run writes its first checkpoint")
+        return TrainState(fingerprint)
+    state = restore(payload, path, model, optimizer, scheduler, ema)
+    note(f"continuing from {path}: epoch {state.epoch + 1}, step {state.step}" if state.epoch < epochs
+         else f"{path} holds this run, complete: writing its model")
+    return state
+
+
+class CheckpointTimer:
+    """Says when a mid-epoch checkpoint is due: every N optimizer steps or T seconds."""
+
+    def __init__(self, every: Every | None, step: int):
+        self.every = every
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.step, self.time = step, time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.every is None:
+            return False
+        if self.every.steps is not None:
+            return step - self.step >= self.every.steps
+        return time.monotonic() - self.time >= self.every.seconds

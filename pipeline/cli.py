@@ -142,7 +142,8 @@ def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
     SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, and the command exits;
     running it again (or `dvc repro`) continues from there.
     """
-    from mixer.engine import Every, Interrupted, Machine
+    from mixer.engine import Interrupted, Machine
+    from mixer.train_state import Every
     from pipeline import train as stage
 
     if mixed_precision not in ("no", "bf16", "fp16"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from PIL import Image
 
 from conftest import ROOT, make_image_folder
 from mixer.data import (PrepareConfig, decode, export_digits, load_split, open_prepared, open_source, prepare,
-                        read_csv, scan_folder, shrink, split_by_class)
+                        read_csv, scan_folder, shrink)
 from mixer.errors import MixerError
 
 
@@ -130,26 +129,6 @@ def test_strict_makes_a_bad_file_an_error(tmp_path):
     # files are decoded in sorted order: cat/truncated.jpg is the first bad one
     with pytest.raises(MixerError, match=r"/data/cat/truncated\.jpg: cannot decode \(.*\) \(strict: true\)$"):
         prepare(scan_folder(root), tmp_path / "cache", config(strict=True))
-
-
-def test_split_is_stratified_seeded_and_independent_of_listing_order():
-    keys = [f"c{i % 3}/{i:03d}.png" for i in range(90)]
-    labels = np.array([i % 3 for i in range(90)])
-    split = split_by_class(keys, labels, 0.1, 0.2, seed=4)
-    for c in range(3):
-        members = split[labels == c]
-        assert (members == "test").sum() == 6 and (members == "val").sum() == 3
-    order = list(range(90))
-    random.Random(1).shuffle(order)
-    shuffled = split_by_class([keys[i] for i in order], labels[order], 0.1, 0.2, seed=4)
-    assert {keys[i]: s for (i, s) in zip(order, shuffled)} == dict(zip(keys, split))
-    assert list(split_by_class(keys, labels, 0.1, 0.2, seed=5)) != list(split)
-
-
-def test_tiny_classes_keep_a_training_image():
-    labels = np.array([0, 0, 1, 1, 1])
-    split = split_by_class(["a", "b", "c", "d", "e"], labels, 0.3, 0.3, seed=0)
-    assert (split[labels == 0] == "train").sum() >= 1 and (split[labels == 1] == "test").sum() == 1
 
 
 def test_duplicates_across_splits_are_reported_and_dropped(tmp_path):

@@ -13,11 +13,12 @@ import torch
 from mixer import train_state
 from mixer.augment import AugmentConfig
 from mixer.data import Split
-from mixer.engine import Every, Interrupted, Machine, Reporter, epoch_batches, train
+from mixer.engine import Interrupted, Machine, Reporter, epoch_batches, train
 from mixer.errors import MixerError
 from mixer.model import create_model
 from mixer.optim import build_optimizer, make_ema, param_groups
 from mixer.preprocess import Preprocessing
+from mixer.train_state import Every
 from pipeline.params import Params
 from pipeline.train import train_config
 

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import ROOT, write_params
 from mixer.errors import MixerError
-from pipeline.params import Params, load_params, stage_keys
+from pipeline.params import Params, field_info, input_shape, load_params, stage_keys
 
 ORIGINAL_FLAGS = ["image_shape", "patch_shape", "depth", "dim", "num_classes", "checkpoint", "output_dir",
                   "batch_size", "lr", "momentum", "decay", "num_steps", "warmup_step", "scheduler"]
@@ -118,6 +118,36 @@ BAD = [
     ({"token_hidden": 0}, "token_hidden must be at least 1 or null"),
     ({"seed": -1}, "seed must be in 0 .. 2**32 - 1, got -1"),
     ({"seed": 2**32}, "seed must be in 0 .. 2**32 - 1, got 4294967296"),
+    # each rule's other edge, and the parts of a message a broken rule would lose
+    ({"image_shape": [9, 8]}, "image_shape [9, 8] is not divisible by patch_shape [3, 3]"),
+    ({"image_shape": [12, "x"]}, "image_shape[1] must be an integer, got 'x'"),
+    ({"lr": "1E-3"}, "lr: YAML reads '1E-3' as a string; write it with a decimal point, e.g. 1.0e-03"),
+    ({"freeze": "all"}, "freeze must be 'none' or 'features', got 'all'"),
+    ({"freeze": "features"}, "freeze: features trains only the head, so it needs a checkpoint to take the features "
+                             "from"),
+    ({"val_fraction": 0.0}, "val_fraction + test_fraction must leave a training share, got 0.0 + 0.2"),
+    ({"test_fraction": 0.0}, "val_fraction + test_fraction must leave a training share, got 0.1 + 0.0"),
+    ({"crop_scale": [0.0, 0.5]}, "crop_scale must satisfy 0 < low <= high <= 1, got [0.0, 0.5]"),
+    ({"crop_scale": [0.5, 1.5]}, "crop_scale must satisfy 0 < low <= high <= 1, got [0.5, 1.5]"),
+]
+
+# The accepted edge of each rule above: a rule made stricter by one (> for >=, 2 for 1) refuses it.
+EDGES = [
+    {"num_classes": 2},
+    {"token_hidden": 1, "channel_hidden": 1},
+    {"image_shape": [1, 3], "patch_shape": [1, 3]},
+    {"image_shape": [9, 8], "patch_shape": [3, 2]},  # each side by its own patch side
+    {"warmup_step": 0},
+    {"scheduler": "linear"},
+    {"freeze": "features", "checkpoint": "models/some-run"},
+    {"seed": 2**32 - 1},
+    {"min_lr": 3.0e-3},  # equal to lr
+    {"momentum": 0.0},
+    {"crop_scale": [0.5, 0.5]},
+    {"crop_ratio": [1.0, 1.0]},
+    {"randaugment_m": 0},
+    {"randaugment_m": 30},
+    {"hflip": 1.0},
 ]
 
 
@@ -132,18 +162,42 @@ def test_each_bad_value_is_one_line_naming_the_key(tmp_path, change, message):
     assert message in text
 
 
-def test_hflip_of_one_is_allowed(tmp_path):
-    assert load_params(write_params(tmp_path / "p.yaml", hflip=1.0)).hflip == 1.0
+@pytest.mark.parametrize("change", EDGES, ids=lambda c: "-".join(c))
+def test_each_rule_accepts_its_edge(tmp_path, change):
+    p = load_params(write_params(tmp_path / "p.yaml", **change))
+    assert {k: getattr(p, k) for k in change} == {k: tuple(v) if isinstance(v, list) else v
+                                                  for (k, v) in change.items()}
 
 
-def test_unknown_and_missing_keys(tmp_path):
-    with pytest.raises(MixerError, match="unknown key 'dept'"):
-        load_params(write_params(tmp_path / "p.yaml", dept=3))
+def test_unknown_and_missing_keys_are_all_named(tmp_path):
+    def error(path: Path) -> str:
+        with pytest.raises(MixerError) as caught:
+            load_params(path)
+        return str(caught.value)
+
+    path = write_params(tmp_path / "p.yaml", dept=3)
+    assert error(path) == f"{path}: unknown key 'dept'"
+    path = write_params(tmp_path / "p.yaml", dept=3, lr_=1, aa=0)
+    assert error(path) == f"{path}: unknown key 'aa' (and ['dept', 'lr_'])"
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     del raw["seed"]
     (tmp_path / "q.yaml").write_text(yaml.safe_dump(raw))
-    with pytest.raises(MixerError, match="missing key 'seed'"):
-        load_params(tmp_path / "q.yaml")
+    assert error(tmp_path / "q.yaml") == f"{tmp_path / 'q.yaml'}: missing key 'seed'"
+    del raw["lr"]
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(raw))
+    assert error(tmp_path / "q.yaml") == f"{tmp_path / 'q.yaml'}: missing key 'lr' (and ['seed'])"
+
+
+def test_unreadable_file_and_yaml_errors_without_a_position(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MixerError) as caught:
+        load_params(tmp_path / "file" / "params.yaml")
+    assert str(caught.value) == f"cannot read {tmp_path / 'file' / 'params.yaml'}: Not a directory"
+    (tmp_path / "nul.yaml").write_text("seed: 0\x00\n")  # the reader's error has no line and column
+    with pytest.raises(MixerError) as caught:
+        load_params(tmp_path / "nul.yaml")
+    assert str(caught.value) == (f"{tmp_path / 'nul.yaml'}: not valid YAML (unacceptable character #x0000: "
+                                 "special characters are not allowed)")
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -190,3 +244,41 @@ def test_variant_takes_its_own_patch_for_divisibility(tmp_path):
 def test_params_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Params().depth = 3
+
+
+def test_for_stage_gives_exactly_the_stage_keys_with_their_values(tmp_path):
+    p = load_params(write_params(tmp_path / "p.yaml", depth=7))
+    train = p.for_stage("train")
+    assert list(train) == [k for k in stage_keys("train")]
+    assert train["depth"] == 7 and train["image_shape"] == p.image_shape
+    assert "val_fraction" not in train and "val_fraction" in p.for_stage("prepare")
+
+
+def test_input_shape_is_the_checkpoints_when_fine_tuning(tmp_path, capsys):
+    from mixer.model import MixerConfig
+
+    p = load_params(write_params(tmp_path / "p.yaml"))
+    assert input_shape(p) == (12, 12)
+    assert capsys.readouterr().out == ""
+    tuned = dataclasses.replace(p, checkpoint="models/b16")
+    config = MixerConfig(image_shape=(24, 36), patch_shape=(12, 12), depth=1, dim=8, num_classes=3)
+    assert input_shape(tuned, config) == (24, 36)
+    assert capsys.readouterr().out == "note: image_shape [24, 36] from checkpoint models/b16 (params say [12, 12])\n"
+    same = dataclasses.replace(tuned, image_shape=(24, 36))
+    assert input_shape(same, config) == (24, 36)
+    assert capsys.readouterr().out == ""
+
+
+def test_input_shape_reads_a_checkpoint_it_is_not_given(tmp_path):
+    from mixer import create_model
+    from mixer.checkpoint import save_model
+
+    save_model(create_model(image_shape=(8, 16), patch_shape=(4, 4), depth=1, dim=8, num_classes=2), tmp_path / "m")
+    p = dataclasses.replace(load_params(write_params(tmp_path / "p.yaml")), checkpoint=str(tmp_path / "m"))
+    assert input_shape(p) == (8, 16)
+
+
+def test_field_info_is_the_fields_help_stages_and_original_default():
+    info = field_info("depth")
+    assert info["help"] == "number of Mixer blocks" and info["stages"] == ("train",) and info["original"] == 6
+    assert field_info("val_fraction")["stages"] == ("prepare",)
