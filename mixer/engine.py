@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixer import train_state
+from mixer import probe, train_state
 from mixer.augment import AugmentConfig, augment
 from mixer.checkpoint import save_model
 from mixer.data import Split
@@ -55,6 +55,7 @@ class TrainConfig:
     seed: int
     eval_batch_size: int
     augment: AugmentConfig
+    freeze_features: bool = False  # train only the head (a linear probe)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Machine:
     compile: bool = False
     checkpoint_every: Every | None = None     # also checkpoint inside epochs
     stop: threading.Event | None = None       # once set: finish the step, checkpoint, raise Interrupted
+    cache_features: bool = True               # a probe without augmentation: compute features once
 
 
 class Interrupted(Exception):
@@ -162,11 +164,25 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     reporter = reporter if main else Reporter()
     spe = steps_per_epoch(len(train_split), config, world)
+    num_classes = model.config.num_classes
+    full = model  # what is saved and returned; `model` is what learns
+    if config.freeze_features:
+        probe.freeze_features(model)
+        if machine.cache_features and not config.augment.active:
+            train_split, val_split = (probe.features_of(model, split, preprocessing, config.eval_batch_size,
+                                                        accelerator.device) for split in (train_split, val_split))
+            model, preprocessing = probe.Probe(model.head), probe.AS_IS
+        elif config.augment.active:
+            reporter.note("freeze: features with augmentation: the frozen layers run on every batch (without "
+                          "augmentation each image's features are computed once)")
+
+    def deliverable(trained) -> MlpMixer:
+        return probe.with_head(full, trained) if isinstance(trained, probe.Probe) else trained
+
     optimizer = build_optimizer(model, config.optimizer, config.lr, config.momentum, config.weight_decay)
     scheduler = build_scheduler(optimizer, spe, config.epochs, config.warmup_epochs, config.scheduler,
                                 config.min_lr / config.lr)
     ema = make_ema(model, config.ema_decay)
-    num_classes = model.config.num_classes
     # The global batch, not the per-process one: one process × 2B continues two processes × B.
     fingerprint = {**(fingerprint or {}), "global_batch": config.batch_size * world}
     state = start_or_continue(Path(run_dir), fingerprint, resume, config.epochs, main, model, optimizer, scheduler,
@@ -187,7 +203,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
             path, size, seconds = train_state.save(run_dir, state, accelerator.unwrap_model(model), optimizer,
                                                    scheduler, ema)
             if best:
-                save_model(ema.module if ema is not None else accelerator.unwrap_model(model),
+                save_model(deliverable(ema.module if ema is not None else accelerator.unwrap_model(model)),
                            Path(run_dir) / train_state.BEST)
             reporter.checkpoint(state, path, size, seconds)
         if world > 1:  # other ranks start the next epoch's sums from zero: rank 0 holds them
@@ -198,6 +214,8 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
 
     for epoch in range(state.epoch, config.epochs):
         model.train()
+        if config.freeze_features:
+            probe.eval_frozen(accelerator.unwrap_model(model))
         batches = epoch_batches(len(train_split), config.batch_size, config.seed, epoch, rank, world)
         started, timed = time.perf_counter(), 0
         for index in range(state.step_in_epoch * config.grad_accum, spe * config.grad_accum):
@@ -257,7 +275,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
         if agree(accelerator, machine.stop, False)[0] and epoch + 1 < config.epochs:
             raise Interrupted(state, path)
 
-    final = ema.module if ema is not None else accelerator.unwrap_model(model)
+    final = deliverable(ema.module if ema is not None else accelerator.unwrap_model(model))
     return Result(final, state.history[-1], state, main)
 
 

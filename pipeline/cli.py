@@ -169,7 +169,9 @@ def evaluate(overrides: dict, params: ParamsOption = PARAMS_FILE) -> None:
 @app.command()
 @guarded
 def predict(paths: Annotated[list[Path], typer.Argument(help="images or folders of images")],
-            model: Annotated[Optional[Path], typer.Option(help="model directory (default: output_dir)")] = None,
+            model: Annotated[Optional[str], typer.Option(
+                help="model directory (default: output_dir), weights file, hf-hub:owner/name[@rev] or https URL")
+            ] = None,
             top_k: Annotated[int, typer.Option("--top-k", help="labels per image")] = 5,
             out: Annotated[Optional[Path], typer.Option(help="write the predictions to this file")] = None,
             format: Annotated[str, typer.Option(help="format of --out: csv, or json (JSON Lines)")] = "csv",

@@ -23,6 +23,7 @@ from mixer.checkpoint import load_model
 from mixer.data import printable, write_csv
 from mixer.errors import MixerError
 from mixer.inference import list_images, predict_batches, prediction_columns
+from mixer.pretrained import load_pretrained
 from pipeline.outputs import writing
 from pipeline.params import load_params
 
@@ -30,11 +31,12 @@ FORMATS = ("csv", "json")
 TABLE_ROWS = 20  # more images than this are summed up instead of listed
 
 
-def run(paths: list[Path], model_dir: Path | None, top_k: int, out: Path | None, params_file: Path,
+def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None, params_file: Path,
         workers: int = 2, format: str = "csv") -> None:
     if format not in FORMATS:
         raise MixerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
-    model = load_model(model_dir or Path(load_params(params_file).output_dir))
+    spec = model_spec or load_params(params_file).output_dir
+    model = (load_model(Path(spec)) if Path(spec).is_dir() else load_pretrained(spec)).eval()
     images, skipped = list_images(paths)
     console = Console()
     shown: list[pd.DataFrame] = []

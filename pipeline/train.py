@@ -49,6 +49,7 @@ def train_config(p: Params) -> TrainConfig:
         augment=AugmentConfig(hflip=p.hflip, crop_scale=p.crop_scale, crop_ratio=p.crop_ratio,
                               randaugment_n=p.randaugment_n, randaugment_m=p.randaugment_m,
                               mixup=p.mixup, cutmix=p.cutmix),
+        freeze_features=p.freeze == "features",
     )
 
 
@@ -71,9 +72,6 @@ def build_model(p: Params, classes: list[str], resize: str, image_shape: tuple[i
         return MlpMixer(architecture(p, len(classes), image_shape), classes, Preprocessing(resize))
     model = adapt_for_finetuning(pretrained.train(), p, classes)
     model.preprocessing = replace(model.preprocessing, resize=resize)  # the weights' normalisation, our resize
-    if p.freeze == "features":  # the paper's linear probe: only the head learns
-        for (name, parameter) in model.named_parameters():
-            parameter.requires_grad_(name.startswith("head."))
     return model
 
 

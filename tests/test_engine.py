@@ -12,6 +12,7 @@ import torch
 
 from mixer import train_state
 from mixer.augment import AugmentConfig
+from mixer.checkpoint import load_model
 from mixer.data import Split
 from mixer.engine import Interrupted, Machine, Reporter, epoch_batches, train
 from mixer.errors import MixerError
@@ -297,3 +298,70 @@ def test_checkpoint_file_holds_the_fingerprint_and_position(tmp_path):
     assert payload["fingerprint"] == {"depth": 2, "global_batch": 8}
     assert payload["position"] == {"epoch": 1, "step_in_epoch": 3, "step": 9}
     assert [m["epoch"] for m in payload["history"]] == [1]
+
+
+# ---- a linear probe (freeze: features) --------------------------------------------------------
+
+def probe_run(folder, cache=True, cfg=None, reporter=None, calls=None):
+    model = tiny_model(dropout=0.2, drop_path=0.2)  # the frozen layers must not apply them
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.1)
+    before = {k: v.clone() for (k, v) in model.state_dict().items()}
+    result = train(model, tiny_split(), tiny_split(12, seed=1), cfg or config(freeze_features=True), PREP, folder,
+                   {"run": "probe"}, Machine(cache_features=cache), None, reporter or Record())
+    return result, before
+
+
+def count_feature_passes(monkeypatch) -> list[int]:
+    from mixer.model import MlpMixer
+
+    calls, original = [], MlpMixer.forward_features
+    monkeypatch.setattr(MlpMixer, "forward_features", lambda self, x: calls.append(len(x)) or original(self, x))
+    return calls
+
+
+def test_a_probe_computes_each_images_features_once_and_trains_the_same_head(tmp_path, monkeypatch):
+    calls = count_feature_passes(monkeypatch)
+    cached, before = probe_run(tmp_path / "cached")
+    assert sum(calls) == 48 + 12  # each training and validation image once, for all 3 epochs
+    calls.clear()
+    every_step, _ = probe_run(tmp_path / "every-step", cache=False)
+    assert sum(calls) == 3 * (48 + 12)  # the control: the frozen layers ran on every batch
+    a, b = weights(cached), weights(every_step)
+    assert max_difference(a, b) < 1e-5
+    for (name, tensor) in before.items():
+        if name.startswith("head."):
+            assert (a[name] - tensor).abs().max() > 1e-3, name  # the head learned
+        else:
+            assert torch.equal(a[name], tensor), name  # the features are the checkpoint's
+    assert cached.metrics["val/accuracy"] == every_step.metrics["val/accuracy"]
+    assert abs(cached.metrics["train/loss"] - every_step.metrics["train/loss"]) < 1e-5
+
+
+def test_a_probe_with_ema_delivers_the_whole_model_with_the_averaged_head(tmp_path):
+    result, before = probe_run(tmp_path / "run", cfg=config(freeze_features=True, ema_decay=0.9))
+    every_step, _ = probe_run(tmp_path / "control", cache=False, cfg=config(freeze_features=True, ema_decay=0.9))
+    assert set(weights(result)) == set(before)
+    assert max_difference(weights(result), weights(every_step)) < 1e-5
+    best = load_model(tmp_path / "run" / "best")
+    assert set(best.state_dict()) == set(before)
+
+
+def test_a_probe_run_continues_after_a_crash(tmp_path):
+    straight, _ = probe_run(tmp_path / "straight")
+    with pytest.raises(Crash):
+        probe_run(tmp_path / "part", reporter=Record(crash_at=8))
+    again = Record()
+    resumed, _ = probe_run(tmp_path / "part", reporter=again)
+    assert again.steps == list(range(7, 19))  # the epoch-1 checkpoint at step 6: only the rest ran
+    assert max_difference(weights(straight), weights(resumed)) == 0
+
+
+def test_a_probe_with_augmentation_runs_the_frozen_layers_every_batch(tmp_path, monkeypatch):
+    calls = count_feature_passes(monkeypatch)
+    record = Record()
+    result, before = probe_run(tmp_path / "run", cfg=config(freeze_features=True, augment=AugmentConfig(hflip=0.5)),
+                               reporter=record)
+    assert sum(calls) == 3 * (48 + 12)
+    assert any("the frozen layers run on every batch" in n for n in record.notes)
+    assert all(torch.equal(weights(result)[k], v) for (k, v) in before.items() if not k.startswith("head."))

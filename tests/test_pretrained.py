@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -87,6 +88,19 @@ def test_a_revision_picks_that_snapshot(hub, tmp_path):
     assert result.returncode == 0, result.stderr
     assert logits_match(tmp_path / "out", timm_weights(1)) and not logits_match(tmp_path / "out", timm_weights(0))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["source"]["revision"] == OTHER
+
+
+def test_predict_takes_a_hub_model_and_agrees_with_its_imported_copy(hub, tmp_path):
+    from conftest import make_image_folder
+
+    make_image_folder(tmp_path / "photos", {"x": 4}, size=(20, 16))
+    assert mixer(["import-weights", "hf-hub:someone/mixer-tiny", "out"], tmp_path, HF_HOME=str(hub)).returncode == 0
+    runs = [mixer(["predict", "photos", "--model", spec, "--out", f"{name}.csv", "--workers", "1"], tmp_path,
+                  HF_HOME=str(hub)) for (name, spec) in (("hub", "hf-hub:someone/mixer-tiny"), ("dir", "out"))]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    hub_table, dir_table = (pd.read_csv(tmp_path / f"{name}.csv") for name in ("hub", "dir"))
+    assert len(hub_table) == 4 and set(hub_table["label_1"]) <= {"ant", "bee", "cat"}
+    pd.testing.assert_frame_equal(hub_table, dir_table)
 
 
 @pytest.mark.parametrize(("spec", "message"), [
