@@ -166,12 +166,11 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     spe = steps_per_epoch(len(train_split), config, world)
     num_classes = model.config.num_classes
     full = model  # what is saved and returned; `model` is what learns
+    cached = config.freeze_features and machine.cache_features and not config.augment.active
     if config.freeze_features:
         probe.freeze_features(model)
-        if machine.cache_features and not config.augment.active:
-            train_split, val_split = (probe.features_of(model, split, preprocessing, config.eval_batch_size,
-                                                        accelerator.device) for split in (train_split, val_split))
-            model, preprocessing = probe.Probe(model.head), probe.AS_IS
+        if cached:
+            model = probe.Probe(model.head)
         elif config.augment.active:
             reporter.note("freeze: features with augmentation: the frozen layers run on every batch (without "
                           "augmentation each image's features are computed once)")
@@ -183,15 +182,27 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     scheduler = build_scheduler(optimizer, spe, config.epochs, config.warmup_epochs, config.scheduler,
                                 config.min_lr / config.lr)
     ema = make_ema(model, config.ema_decay)
-    # The global batch, not the per-process one: one process × 2B continues two processes × B.
-    fingerprint = {**(fingerprint or {}), "global_batch": config.batch_size * world}
+    # The global batch, not the per-process one: one process × 2B continues two processes × B. A cached
+    # probe's checkpoint holds only the head: it continues only a cached probe.
+    fingerprint = {**(fingerprint or {}), "global_batch": config.batch_size * world,
+                   **({"trains": "head"} if cached else {})}
     state = start_or_continue(Path(run_dir), fingerprint, resume, config.epochs, main, model, optimizer, scheduler,
                               ema, reporter.note)
+    if cached:
+        full.to(accelerator.device)
+        if state.epoch < config.epochs:
+            train_split, val_split = (probe.features_of(full, split, preprocessing, config.eval_batch_size,
+                                                        accelerator.device) for split in (train_split, val_split))
+        preprocessing = probe.AS_IS
     model, optimizer = accelerator.prepare(model, optimizer)
     if machine.compile:
         model = torch.compile(model)
     ema = ema.to(accelerator.device) if ema is not None else None
     timer = CheckpointTimer(machine.checkpoint_every, state.step)
+
+    def unwrap(m):  # without DDP and torch.compile's wrappers: state dict keys as the model's own
+        return accelerator.unwrap_model(m, keep_torch_compile=False)
+
     generator = torch.Generator(device=accelerator.device)
     reporter.start(state, config.epochs, spe)
 
@@ -200,10 +211,10 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
                                         "sum").tolist() if world > 1 else state.sums
         path = Path(run_dir) / train_state.LAST
         if main:
-            path, size, seconds = train_state.save(run_dir, state, accelerator.unwrap_model(model), optimizer,
+            path, size, seconds = train_state.save(run_dir, state, unwrap(model), optimizer,
                                                    scheduler, ema)
             if best:
-                save_model(deliverable(ema.module if ema is not None else accelerator.unwrap_model(model)),
+                save_model(deliverable(ema.module if ema is not None else unwrap(model)),
                            Path(run_dir) / train_state.BEST)
             reporter.checkpoint(state, path, size, seconds)
         if world > 1:  # other ranks start the next epoch's sums from zero: rank 0 holds them
@@ -215,7 +226,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     for epoch in range(state.epoch, config.epochs):
         model.train()
         if config.freeze_features:
-            probe.eval_frozen(accelerator.unwrap_model(model))
+            probe.eval_frozen(unwrap(model))
         batches = epoch_batches(len(train_split), config.batch_size, config.seed, epoch, rank, world)
         started, timed = time.perf_counter(), 0
         for index in range(state.step_in_epoch * config.grad_accum, spe * config.grad_accum):
@@ -243,7 +254,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
                 continue
             scheduler.step()
             if ema is not None:
-                ema.update_parameters(accelerator.unwrap_model(model))
+                ema.update_parameters(unwrap(model))
             state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
             reporter.step(state, loss.item())
             if state.step_in_epoch < spe:  # the end of an epoch checkpoints anyway
@@ -253,7 +264,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
                 if stop:
                     raise Interrupted(state, path)
         elapsed = time.perf_counter() - started
-        scored = ema.module if ema is not None else accelerator.unwrap_model(model)
+        scored = ema.module if ema is not None else unwrap(model)
         val = evaluate_split(scored, val_split, preprocessing, config.eval_batch_size, accelerator)
         totals = accelerator.reduce(torch.tensor([*state.sums, timed], dtype=torch.float64,
                                                  device=accelerator.device), "sum").tolist()
@@ -275,7 +286,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
         if agree(accelerator, machine.stop, False)[0] and epoch + 1 < config.epochs:
             raise Interrupted(state, path)
 
-    final = deliverable(ema.module if ema is not None else accelerator.unwrap_model(model))
+    final = deliverable(ema.module if ema is not None else unwrap(model))
     return Result(final, state.history[-1], state, main)
 
 

@@ -41,7 +41,7 @@ def find_cross_split_duplicates(table: pd.DataFrame) -> list[dict]:
     Each entry names the later copy (`path`, `split`) and the copy it duplicates (`same_as`).
     """
     out = []
-    for (_, group) in table.groupby("hash", sort=True):
+    for (_, group) in table.groupby("hash"):
         if group["split"].nunique() < 2:
             continue
         group = group.assign(order=group["split"].map(_SPLIT_ORDER)).sort_values(["order", "path"])

@@ -343,8 +343,8 @@ def test_a_probe_with_ema_delivers_the_whole_model_with_the_averaged_head(tmp_pa
     every_step, _ = probe_run(tmp_path / "control", cache=False, cfg=config(freeze_features=True, ema_decay=0.9))
     assert set(weights(result)) == set(before)
     assert max_difference(weights(result), weights(every_step)) < 1e-5
-    best = load_model(tmp_path / "run" / "best")
-    assert set(best.state_dict()) == set(before)
+    best, control = (load_model(tmp_path / name / "best").state_dict() for name in ("run", "control"))
+    assert set(best) == set(before) and max_difference(best, control) < 1e-5  # the averaged head, as the control's
 
 
 def test_a_probe_run_continues_after_a_crash(tmp_path):
@@ -365,3 +365,17 @@ def test_a_probe_with_augmentation_runs_the_frozen_layers_every_batch(tmp_path, 
     assert sum(calls) == 3 * (48 + 12)
     assert any("the frozen layers run on every batch" in n for n in record.notes)
     assert all(torch.equal(weights(result)[k], v) for (k, v) in before.items() if not k.startswith("head."))
+
+
+def test_a_compiled_run_saves_and_continues_under_the_models_own_names(tmp_path):
+    """torch.compile wraps the model (`_orig_mod.`): checkpoints and models must not carry the wrapper's names."""
+    cfg = config(epochs=2, freeze_features=True)
+    with pytest.raises(Crash):
+        train(tiny_model(), tiny_split(), tiny_split(12, seed=1), cfg, PREP, tmp_path, {"run": "c"},
+              Machine(compile=True), None, Record(crash_at=8))
+    assert set(train_state.read(tmp_path)["model"]) == {"head.weight", "head.bias"}
+    again = Record()
+    result = train(tiny_model(), tiny_split(), tiny_split(12, seed=1), cfg, PREP, tmp_path, {"run": "c"},
+                   Machine(compile=True), None, again)
+    assert again.steps == list(range(7, 13)) and set(result.model.state_dict()) == set(tiny_model().state_dict())
+    assert set(load_model(tmp_path / "best").state_dict()) == set(tiny_model().state_dict())

@@ -177,6 +177,8 @@ def test_unknown_and_missing_keys_are_all_named(tmp_path):
 
     path = write_params(tmp_path / "p.yaml", dept=3)
     assert error(path) == f"{path}: unknown key 'dept'"
+    path = write_params(tmp_path / "p.yaml", dept=3, aa=0)
+    assert error(path) == f"{path}: unknown key 'aa' (and ['dept'])"
     path = write_params(tmp_path / "p.yaml", dept=3, lr_=1, aa=0)
     assert error(path) == f"{path}: unknown key 'aa' (and ['dept', 'lr_'])"
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -47,6 +47,7 @@ SIZES = [
     ((3, 0.4, 0.4), (1, 1, 1)),
     ((10, 0.45, 0.45), (2, 4, 4)),  # round(4.5) = 4
     ((10, 0.05, 0.9), (1, 0, 9)),
+    ((2, 0.05, 0.9), (1, 0, 1)),    # round(1.8) = 2, cut to leave one training image
     ((20, 0.2, 0.79), (1, 3, 16)),  # val cut to leave one training image
 ]
 

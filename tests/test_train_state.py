@@ -1,0 +1,135 @@
+"""The resume path's pieces on their own: the checkpoint file, the decision to continue, the timer."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from mixer import train_state
+from mixer.errors import MixerError
+from mixer.schedule import build_scheduler
+from mixer.train_state import CheckpointTimer, Every, TrainState, differences, start_or_continue
+
+AGAIN = "delete it, or train with --no-resume to start over"
+
+
+def objects(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, optimizer, build_scheduler(optimizer, 4, 3, 1, "cosine", 0.0)
+
+
+def saved(folder, fingerprint: dict, epoch: int = 1, step: int = 6):
+    state = TrainState(fingerprint, epoch=epoch, step=step, best_accuracy=0.5, history=[{"epoch": 1}])
+    return train_state.save(folder, state, *objects(), None)
+
+
+def test_differences_name_every_key_either_side_has():
+    assert differences({"lr": 0.1, "seed": 0, "old": 1}, {"lr": 0.2, "seed": 0, "new": "x"}) == [
+        "lr 0.1 → 0.2", "new (none) → x", "old 1 → (none)"]
+
+
+def test_long_values_are_cut_after_20_characters():
+    assert differences({"h": "a" * 20}, {"h": "b" * 21}) == [f"h {'a' * 20} → {'b' * 12}…"]
+
+
+def test_save_says_where_how_big_and_how_long(tmp_path):
+    path, size, seconds = saved(tmp_path, {"run": 1})
+    assert path == tmp_path / "last.pt" and size == path.stat().st_size > 0 and 0 <= seconds < 60
+
+
+def test_read_refuses_what_is_not_a_checkpoint_of_this_version(tmp_path):
+    path = tmp_path / "last.pt"
+    assert train_state.read(tmp_path) is None
+    torch.save([1, 2], path)
+    with pytest.raises(MixerError) as caught:
+        train_state.read(tmp_path)
+    assert str(caught.value) == f"{path} is not a checkpoint of this version of mixer; {AGAIN}"
+    torch.save({"format": train_state.FORMAT - 1}, path)
+    with pytest.raises(MixerError, match="is not a checkpoint of this version of mixer"):
+        train_state.read(tmp_path)
+    path.write_bytes(pickle.dumps({"format": train_state.FORMAT, "code": pickle.Pickler}))  # unpickling runs code
+    with pytest.raises(MixerError) as caught:
+        train_state.read(tmp_path)
+    assert str(caught.value) == f"{path} is not a readable checkpoint (UnpicklingError); {AGAIN}"
+
+
+def test_restore_gives_the_saved_position_and_refuses_what_does_not_fit(tmp_path):
+    path, _, _ = saved(tmp_path, {"run": 1}, epoch=2, step=9)
+    state = train_state.restore(train_state.read(tmp_path), path, *objects(1), None)
+    assert (state.fingerprint, state.epoch, state.step, state.best_accuracy) == ({"run": 1}, 2, 9, 0.5)
+    wider = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(wider.parameters(), lr=0.1)
+    with pytest.raises(MixerError) as caught:
+        train_state.restore(train_state.read(tmp_path), path, wider, optimizer,
+                            build_scheduler(optimizer, 4, 3, 1, "cosine", 0.0), None)
+    assert str(caught.value).startswith(f"{path} does not fit this run (RuntimeError: Error(s) in loading "
+                                        "state_dict for Linear:); ")
+    assert str(caught.value).endswith(AGAIN)
+
+
+def test_leftovers_of_interrupted_writes_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / "best").mkdir()
+    leftovers = [tmp_path / ".last.pt.abc.tmp", tmp_path / "best" / ".model.safetensors.x.tmp"]
+    kept = [tmp_path / "last.pt", tmp_path / "best" / "model.safetensors", tmp_path / "notes.tmp"]
+    for path in leftovers + kept:
+        path.write_bytes(b"")
+    assert train_state.remove_temporaries(tmp_path) == leftovers
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
+
+
+def test_start_or_continue_says_what_it_did(tmp_path):
+    notes: list[str] = []
+    path = tmp_path / "last.pt"
+
+    def start(fingerprint, resume, epochs=3):
+        return start_or_continue(tmp_path, fingerprint, resume, epochs, True, *objects(), None, notes.append)
+
+    assert start({"lr": 0.1}, True).fingerprint == {"lr": 0.1}
+    assert notes.pop() == f"no checkpoint at {path}: starting from scratch"
+    saved(tmp_path, {"lr": 0.1, "seed": 0})
+    with pytest.raises(MixerError) as caught:
+        start({"lr": 0.2, "seed": 1}, True)
+    assert str(caught.value) == (f"cannot resume: {path} is of another run (lr 0.1 → 0.2; seed 0 → 1); train "
+                                 "without --resume to start a new run")
+    state = start({"lr": 0.2, "seed": 1}, None)
+    assert (state.fingerprint, state.step) == ({"lr": 0.2, "seed": 1}, 0)
+    assert notes.pop() == (f"starting a new run: {path} is of another run (lr 0.1 → 0.2; seed 0 → 1); it stays "
+                           "until this run writes its first checkpoint")
+    state = start({"lr": 0.1, "seed": 0}, None)
+    assert (state.epoch, state.step) == (1, 6)
+    assert notes.pop() == f"continuing from {path}: epoch 2, step 6"
+    start({"lr": 0.1, "seed": 0}, None, epochs=1)
+    assert notes.pop() == f"{path} holds this run, complete: writing its model"
+    assert start({"lr": 0.1, "seed": 0}, False).step == 0 and not notes
+
+
+def test_a_same_run_checkpoint_that_does_not_fit_names_its_path(tmp_path):
+    saved(tmp_path, {"run": 1})
+    wider = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(wider.parameters(), lr=0.1)
+    with pytest.raises(MixerError, match=f"^{tmp_path / 'last.pt'} does not fit this run"):
+        start_or_continue(tmp_path, {"run": 1}, None, 3, True, wider, optimizer,
+                          build_scheduler(optimizer, 4, 3, 1, "cosine", 0.0), None, lambda _: None)
+
+
+def test_fractions_of_a_unit_and_a_single_step_are_intervals():
+    assert Every.parse("0.5m") == Every(seconds=30.0) and Every.parse("1") == Every(steps=1)
+
+
+def test_the_timer_is_due_at_the_interval_not_before(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(train_state.time, "monotonic", lambda: now[0])
+    assert not CheckpointTimer(None, 0).due(10**6)
+    timer = CheckpointTimer(Every(seconds=5.0), 0)
+    now[0] = 104.9
+    assert not timer.due(1)
+    now[0] = 105.0
+    assert timer.due(1)
+    timer.restart(1)
+    assert not timer.due(2)
+    steps = CheckpointTimer(Every(steps=3), 4)
+    assert [steps.due(s) for s in (5, 6, 7)] == [False, False, True]
