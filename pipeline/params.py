@@ -7,6 +7,7 @@ line with exit code 2 before any work is done or anything is overwritten.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import types
@@ -119,9 +120,15 @@ def field_info(name: str) -> dict:
     return next(f for f in fields(Params) if f.name == name).metadata
 
 
+@functools.cache
+def _field_types() -> dict:
+    """Each field's type (the annotations are strings until resolved, once)."""
+    return typing.get_type_hints(Params)
+
+
 def _check(key: str, value):
     """Coerce `value` to the field's type or raise a one-line error naming the key."""
-    kind = typing.get_type_hints(Params)[key]
+    kind = _field_types()[key]
     args = typing.get_args(kind)
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         if value is None:
