@@ -41,7 +41,12 @@ def under_dvc(pid: int) -> bool | None:
 def find_dvc() -> tuple[int, int] | None:
     """(DVC's pid, the pid of its child on our line), or None when the line cannot be read."""
     child, pid = os.getpid(), os.getppid()
-    while pid > 1 and under_dvc(pid):
+    while pid > 1:
+        inside = under_dvc(pid)
+        if inside is None:
+            return None
+        if not inside:
+            break
         child, pid = pid, parent_of(pid)
         if pid is None:
             return None

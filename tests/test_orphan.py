@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -26,7 +27,7 @@ def start(tmp_path, shell_command: str) -> tuple[subprocess.Popen, list[str]]:
     (tmp_path / "child.py").write_text(CHILD)
     fake_dvc = (f"import os, subprocess, sys; p = subprocess.Popen({shell_command!r}, shell=True, "
                 f"env={{**os.environ, 'DVC_STAGE': 'train'}}); print('dvc', os.getpid(), flush=True); p.wait()")
-    env = {**os.environ, "ROOT": str(__import__("pathlib").Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "ROOT": str(Path(__file__).resolve().parents[1])}
     process = subprocess.Popen([sys.executable, "-c", fake_dvc], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                text=True, start_new_session=True)
     lines = [process.stdout.readline(), process.stdout.readline()]
