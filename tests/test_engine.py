@@ -379,3 +379,13 @@ def test_a_compiled_run_saves_and_continues_under_the_models_own_names(tmp_path)
                    Machine(compile=True), None, again)
     assert again.steps == list(range(7, 13)) and set(result.model.state_dict()) == set(tiny_model().state_dict())
     assert set(load_model(tmp_path / "best").state_dict()) == set(tiny_model().state_dict())
+
+
+def test_a_cached_probes_checkpoint_is_never_loaded_into_the_whole_model(tmp_path):
+    """It holds only the head: a run that trains through the frozen layers starts anew, with a note."""
+    with pytest.raises(Crash):
+        probe_run(tmp_path / "run", reporter=Record(crash_at=8))
+    record = Record()
+    probe_run(tmp_path / "run", cache=False, reporter=record)
+    assert any(n.startswith("starting a new run") and "trains head → (none)" in n for n in record.notes), record.notes
+    assert record.steps[0] == 1
