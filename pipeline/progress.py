@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from mixer.engine import Reporter
+from mixer.text import shown
 from mixer.train_state import TrainState
 
 
@@ -45,6 +46,7 @@ class ConsoleReporter(Reporter):
         self.line(f"note: {text}")
 
     def line(self, text: str) -> None:
+        text = shown(text)  # notes and checkpoint paths name things from outside (output_dir, a checkpoint)
         if self.bar is not None:
             self.bar.console.print(text, markup=False, highlight=False)
         else:
