@@ -15,6 +15,7 @@ from mixer.bench import benchmark, data_wait_share, matmul_peak
 from mixer.data import Split, load_split
 from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, create_model
+from mixer.resources import check_training_memory
 from pipeline.params import load_params
 from pipeline.paths import PREPARED
 from pipeline.train import architecture
@@ -53,6 +54,10 @@ def cached_split(c: MixerConfig, scratch: Path) -> Split:
 def run(which: str, steps: int, as_json: bool, compile: bool, params_file: Path) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if device.type == "cuda" else [])
+    with torch.device("meta"):  # the architectures only: no weights allocated before they are known to fit
+        sizes = configs(which, params_file)
+    for (c, batch) in sizes.values():  # ours and the reference train side by side (SGD)
+        check_training_memory(c, batch, optimizer="sgd", models=2 + compile, device=device.type)
     results = []
     for (precision, dtype) in precisions:
         peak = matmul_peak(device, dtype or torch.float32)
