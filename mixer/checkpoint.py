@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, check_class_names
 from mixer.preprocess import Preprocessing
+from mixer.resources import check_npz
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -55,8 +56,13 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_model(model: MlpMixer, directory: Path, source: dict | None = None) -> None:
-    """Write `model.safetensors` and `config.json` (architecture, classes, preprocessing) atomically."""
+def save_model(model: MlpMixer, directory: Path, source: dict | None = None,
+               trained_on: dict | None = None) -> None:
+    """Write `model.safetensors` and `config.json` (architecture, classes, preprocessing) atomically.
+
+    trained_on: the prepared data the weights were trained on (its hash and split), which evaluation
+    checks its data against.
+    """
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for (k, v) in model.state_dict().items()}
     meta = {
@@ -68,6 +74,8 @@ def save_model(model: MlpMixer, directory: Path, source: dict | None = None) -> 
     }
     if source is not None:
         meta["source"] = source
+    if trained_on is not None:
+        meta["trained_on"] = trained_on
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
                                                                  encoding="utf-8"))
@@ -134,6 +142,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         if path.suffix == ".npz":
+            check_npz(path)  # every shape and dtype from the headers first: a zip bomb is one line, not an OOM
             with np.load(path, allow_pickle=False) as npz:
                 return {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
         state = torch.load(path, map_location="cpu", weights_only=True)

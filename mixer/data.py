@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mixer.errors import MixerError
 from mixer.preprocess import to_float
 from mixer.split import SPLITS, find_cross_split_duplicates, split_by_class
+from mixer.text import decoded, spreadsheet_safe
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
@@ -67,8 +68,8 @@ def is_image_file(rel: Path) -> bool:
 
 
 def printable(path: str | Path) -> str:
-    """A path as text that any file, terminal or JSON takes: undecodable bytes as \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as valid text for a file or JSON: undecodable bytes as \\xNN (for a terminal, see mixer.text.shown)."""
+    return decoded(path)  # one implementation; control characters stay, so CSV and JSON keep the real name
 
 
 def _is_utf8(name: str) -> bool:
@@ -83,9 +84,12 @@ def scan_folder(root: Path) -> Source:
     """One class per top-level sub-folder; images in nested folders belong to that class.
 
     Links are followed, but a folder reached twice (a link loop such as `dog/up -> ..`, or a second
-    name for a folder already scanned) is skipped, so no image is relabelled or counted twice. Only
-    regular files become items: FIFOs, sockets and devices (which would block or never end) are
-    skipped, as are broken links and names that are not UTF-8; each skip is reported with its reason.
+    name for a folder already scanned) is skipped, so no image is relabelled or counted twice. Links
+    stay inside the (resolved) data folder: a link to a folder or a file outside it is skipped, so the
+    cache holds only what the folder holds, as a CSV's rows may not escape it either. Only regular
+    files become items: FIFOs, sockets and devices (which would block or never end) are skipped, as
+    are broken links and names that are not UTF-8 (of files, and of nested folders, which are not
+    scanned); each skip is reported with its reason.
     """
     root = Path(root)
     if not root.exists():
@@ -102,12 +106,15 @@ def scan_folder(root: Path) -> Source:
     skipped: list[dict] = []
     seen = {_identity(root)}
     for name in classes:
-        _walk(root, root / name, name, seen, items, skipped)
+        _walk(root, root / name, name, seen, items, skipped, inside=root.resolve())
     return Source(root, sorted(items), classes, skipped)
 
 
 def find_images(folder: Path) -> tuple[list[Path], list[dict]]:
-    """The image files under `folder`, recursively and sorted, and what was skipped (see `scan_folder`)."""
+    """The image files under `folder`, recursively and sorted, and what was skipped (see `scan_folder`).
+
+    Links out of `folder` are followed here: it holds images to classify now, not to cache and share.
+    """
     items: list[tuple[str, str]] = []
     skipped: list[dict] = []
     _walk(Path(folder), Path(folder), "", set(), items, skipped)
@@ -126,7 +133,10 @@ def _stat_is_dir(path) -> bool:
         return False
 
 
-def _walk(root: Path, folder: Path, label: str, seen: set, items: list, skipped: list) -> None:
+def _walk(root: Path, folder: Path, label: str, seen: set, items: list, skipped: list,
+          inside: Path | None = None) -> None:
+    """Collect the images under `folder` into `items`, and the skips; links must stay under `inside`
+    (when given)."""
     identity = _identity(folder)
     rel = folder.relative_to(root).as_posix()
     if identity in seen:
@@ -152,14 +162,23 @@ def _walk(root: Path, folder: Path, label: str, seen: set, items: list, skipped:
                     else f"cannot stat ({exc.strerror})"
                 skipped.append({"path": printable(rel), "reason": reason})
             continue
-        if stat.S_ISDIR(mode):
-            _walk(root, path, label, seen, items, skipped)
+        # only a link can lead out of the folder: what it reaches is checked, not its name
+        outside = inside is not None and entry.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(inside)
+        if stat.S_ISDIR(mode) and outside:
+            skipped.append({"path": printable(rel), "reason": "link to a folder outside the data folder; not followed"})
+        elif stat.S_ISDIR(mode) and not _is_utf8(entry.name):
+            # its files' paths could not be written to the manifest; a top-level class is an error instead
+            skipped.append({"path": printable(rel), "reason": "folder name is not UTF-8; not scanned"})
+        elif stat.S_ISDIR(mode):
+            _walk(root, path, label, seen, items, skipped, inside)
         elif not is_image_file(rel):
             continue
         elif not _is_utf8(entry.name):
             skipped.append({"path": printable(rel), "reason": "file name is not UTF-8"})
         elif not stat.S_ISREG(mode):
             skipped.append({"path": printable(rel), "reason": f"not a regular file ({_kind(mode)})"})
+        elif outside:
+            skipped.append({"path": printable(rel), "reason": "link to a file outside the data folder; not read"})
         else:
             items.append((rel.as_posix(), label))
 
@@ -209,6 +228,9 @@ def read_csv(csv: Path) -> Source:
         if key in label_of:
             conflicts.setdefault(key, [label_of[key]]).append(label)
             continue
+        if "\0" in path:  # no file can be named so, and the OS calls below would raise ValueError
+            raise MixerError(f"{csv}, line {line}: path {path!r} holds a NUL byte, which no file name can hold; "
+                             "fix that row")
         full = (root / path).resolve()
         if not full.is_relative_to(resolved_root):
             raise MixerError(f"{csv}, line {line}: path {path!r} escapes the data folder {root}")
@@ -403,11 +425,13 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     if config.drop_duplicates and duplicates:
         dropped = {d["path"] for d in duplicates}
         table = table[~table["path"].isin(dropped)].reset_index(drop=True)
-    write_csv(table, out_dir / MANIFEST)
+    write_csv(table, out_dir / MANIFEST, spreadsheet=False)  # read back by open_prepared: names as they are
     counts = {s: {c: int(((table["split"] == s) & (table["label_name"] == c)).sum()) for c in source.classes}
               for s in SPLITS}
     info = {"classes": source.classes, "image_shape": list(config.image_shape), "resize": config.resize,
-            "rows": n, "data_hash": _data_hash(out_dir / MANIFEST, config.image_shape, config.resize)}
+            "rows": n, "data_hash": _data_hash(out_dir / MANIFEST, config.image_shape, config.resize),
+            # what made the split: the hash covers its outcome, these let a mismatch be explained
+            "split": {"seed": config.seed, "val_fraction": config.val_fraction, "test_fraction": config.test_fraction}}
     (out_dir / INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return {
         "classes": source.classes,
@@ -423,9 +447,20 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     }
 
 
-def write_csv(table: pd.DataFrame, target, header: bool = True) -> None:
+def write_csv(table: pd.DataFrame, target, header: bool = True, spreadsheet: bool = True) -> None:
     """`table` as CSV (to a path or an open text file) with every text field quoted: a name holding a
-    carriage return, a form feed or a line break (all legal in file names) reads back as written."""
+    carriage return, a form feed or a line break (all legal in file names) reads back as written.
+
+    With `spreadsheet` (for files people open: predictions, per_class.csv, confusion.csv) a text cell
+    starting with =, +, -, @, tab or CR gets a leading `'` (mixer.text.spreadsheet_safe), so it is not
+    run as a formula; a class named "-1" reads back as "'-1" there. The manifest, which this package
+    reads back, passes False and keeps every name as it is.
+    """
+    if spreadsheet:
+        table = table.copy()  # the caller's table keeps its values
+        for i in range(table.shape[1]):
+            if pd.api.types.is_object_dtype(table.dtypes.iloc[i]) or pd.api.types.is_string_dtype(table.dtypes.iloc[i]):
+                table.isetitem(i, table.iloc[:, i].map(spreadsheet_safe))  # numbers in the column stay numbers
     table.to_csv(target, index=False, header=header, quoting=csv.QUOTE_NONNUMERIC)
 
 
@@ -479,6 +514,7 @@ class Prepared:
     data_hash: str
     table: pd.DataFrame
     images: np.ndarray  # memory-mapped, (rows, H, W, 3) uint8
+    split_params: dict | None = None  # seed, val_fraction, test_fraction; None in caches older than the record
 
     def split(self, name: str) -> Split:
         """One split, read without decoding anything."""
@@ -519,7 +555,8 @@ def open_prepared(cache: Path) -> Prepared:
             raise damaged(f"{MANIFEST} does not match {IMAGES} and {INFO}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, pd.errors.ParserError, OSError) as exc:
         raise damaged(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return Prepared(cache, classes, shape, resize, data_hash, table, images)
+    split_params = info.get("split") if isinstance(info.get("split"), dict) else None
+    return Prepared(cache, classes, shape, resize, data_hash, table, images, split_params)
 
 
 def load_split(cache: Path, split: str) -> Split:

@@ -14,20 +14,23 @@ import hashlib
 import http.client
 import json
 import os
-import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from mixer.checkpoint import CONFIG, WEIGHTS, convert_weights, describe, load_model, save_model, sha256_file
+from mixer.checkpoint import CONFIG, FORMAT, WEIGHTS, convert_weights, describe, load_model, save_model, sha256_file
 from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, check_class_names
 from mixer.preprocess import Preprocessing
+from mixer.resources import check_disk, format_bytes
 
 HUB = "hf-hub:"
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # timm's files, preferred first
+MAX_DOWNLOAD = 4 << 30  # bytes: far above any Mixer (H/14 is 1.9 GB), far below a mistaken URL
+DOWNLOAD_TIME_LIMIT = 3600.0  # seconds for a whole download
 
 
 def is_remote(spec: str) -> bool:
@@ -53,13 +56,32 @@ def load_pretrained(spec: str, image_shape: tuple[int, int] | None = None) -> Ml
         path, source = download(spec)
         return _converted(path, source, image_shape)
     path = Path(spec)
-    if path.is_dir() and (path / CONFIG).exists():
-        model = load_model(path).train()
-        model.source = {"path": spec, "sha256": sha256_file(path / WEIGHTS)}
+    folder = model_directory(spec)
+    if folder is not None:  # its config.json has the class names and normalisation; bare weights have neither
+        model = load_model(folder).train()
+        model.source = {"path": spec, "sha256": sha256_file(folder / WEIGHTS)}
         if isinstance(model.meta.get("source"), dict):
             model.source["from"] = model.meta["source"]
         return model
     return _converted(path, {"path": spec}, image_shape)
+
+
+def model_directory(spec: str) -> Path | None:
+    """The model directory `spec` names: a folder with a config.json, or the folder of a `model.safetensors`
+    beside this project's config.json (format mlp-mixer); None for anything else (weights from elsewhere)."""
+    if is_remote(spec):
+        return None
+    path = Path(spec)
+    if path.is_dir():
+        return path if (path / CONFIG).exists() else None
+    if path.name != WEIGHTS or not path.is_file():  # another file beside a config.json is not what it describes
+        return None
+    try:
+        meta = json.loads((path.parent / CONFIG).read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # none, or not JSON: not a model directory's config
+        return None
+    # only the format decides: a damaged config of ours is then an error from load_model, not silently ignored
+    return path.parent if isinstance(meta, dict) and meta.get("format") == FORMAT else None
 
 
 def import_weights(spec: str, out_dir: Path, image_shape: tuple[int, int] | None = None) -> MlpMixer:
@@ -71,8 +93,9 @@ def import_weights(spec: str, out_dir: Path, image_shape: tuple[int, int] | None
 
 def pretrained_config(spec: str) -> MixerConfig:
     """The architecture `spec` holds (a model directory is only read, not loaded)."""
-    if not is_remote(spec) and (Path(spec) / CONFIG).is_file():
-        return describe(Path(spec))[0]
+    folder = model_directory(spec)
+    if folder is not None:
+        return describe(folder)[0]
     return load_pretrained(spec).config
 
 
@@ -169,11 +192,29 @@ def _read_json(path: Path, spec: str) -> dict:
 
 # ---- URLs -----------------------------------------------------------------------------------------
 
-def download(url: str, timeout: float = 60.0) -> tuple[Path, dict]:
+def _env_number(name: str, default: float) -> float:
+    """A positive number from the environment variable `name` (unset or empty: `default`)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise MixerError(f"{name} must be a positive number, got {text!r}")
+    return value
+
+
+def download(url: str, timeout: float = 60.0, time_limit: float | None = None,
+             max_bytes: int | None = None) -> tuple[Path, dict]:
     """A URL's file, fetched once into the cache (keyed by the URL); `#sha256=<hex>` is verified.
 
     A partial download never enters the cache: it is written beside it, its size checked against
-    what the server announced, and renamed when complete.
+    what the server announced, and renamed when complete. `timeout` bounds each read; `time_limit`
+    the whole download ($MIXER_DOWNLOAD_TIME_LIMIT, else an hour) and `max_bytes` its size
+    ($MIXER_MAX_DOWNLOAD, else 4 GiB), checked against Content-Length before reading and again
+    while reading; a file larger than the cache's free disk is refused before reading.
     """
     try:
         parsed = urllib.parse.urlsplit(url)
@@ -192,9 +233,27 @@ def download(url: str, timeout: float = 60.0) -> tuple[Path, dict]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-")
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(plain, timeout=timeout) as response:
-                shutil.copyfileobj(response, out, 1 << 20)
+            limit = _env_number("MIXER_MAX_DOWNLOAD", MAX_DOWNLOAD) if max_bytes is None else max_bytes
+            seconds = _env_number("MIXER_DOWNLOAD_TIME_LIMIT", DOWNLOAD_TIME_LIMIT) if time_limit is None else time_limit
+            deadline = time.monotonic() + seconds
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(plain, timeout=min(timeout, seconds)) as response:
                 announced = response.headers.get("Content-Length")
+                if announced is not None and int(announced) > limit:  # refused before a byte is read
+                    raise MixerError(f"cannot download {url}: it is {format_bytes(int(announced))}, more than "
+                                     f"MIXER_MAX_DOWNLOAD ({format_bytes(limit)}); raise MIXER_MAX_DOWNLOAD to allow it")
+                if announced is not None:
+                    check_disk(int(announced), folder, f"downloading {url}",
+                               "free disk space, or point MIXER_CACHE at a disk with room")
+                # read1: whatever one receive brings, so a server dripping bytes meets the deadline too
+                # (the per-read `timeout` only catches one that stops sending)
+                while chunk := response.read1(1 << 20):
+                    out.write(chunk)
+                    if out.tell() > limit:  # no or a false Content-Length: the count is what holds
+                        raise MixerError(f"cannot download {url}: the server sent more than MIXER_MAX_DOWNLOAD "
+                                         f"({format_bytes(limit)}); raise MIXER_MAX_DOWNLOAD to allow it")
+                    if time.monotonic() > deadline:
+                        raise MixerError(f"cannot download {url}: not complete after {seconds:g} s "
+                                         f"({out.tell()} bytes); raise MIXER_DOWNLOAD_TIME_LIMIT or try again")
                 if announced is not None and out.tell() != int(announced):
                     raise MixerError(f"cannot download {url}: the connection ended after {out.tell()} of "
                                      f"{announced} bytes; try again")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixer.checkpoint import atomic_write
 from mixer.errors import MixerError
+from mixer.text import shown
+from pipeline import evaluate, prepare, train
+from pipeline.outputs import REPORT, Plan, Target, writing
 from pipeline.params import input_shape, load_params
 from pipeline.paths import PARAMS_CHECKED
 
@@ -24,6 +26,10 @@ def run(params_file: Path, overrides: dict) -> None:
     data = Path(p.data)
     if p.data != "digits" and not (data.is_dir() or data.suffix.lower() == ".csv" and data.is_file()):
         raise MixerError(f"{params_file}: data {p.data} is neither 'digits', a folder, nor a CSV file")
+    for stage in (prepare, train, evaluate):  # what each stage will write: before DVC deletes anything
+        stage.plan(p).verify()
     input_shape(p)  # reads the checkpoint, if any (fetching it once into the cache)
-    atomic_write(PARAMS_CHECKED, lambda tmp: tmp.write_text(CHECKED))
-    print(f"{params_file}: every key is valid; data {p.data}; checkpoint {p.checkpoint or 'none'}")
+    train.check_memory(p)  # a batch that cannot fit stops here, not after DVC has deleted the model
+    with writing("mixer check", Plan(targets=(Target(PARAMS_CHECKED, REPORT),))) as staging:
+        staging.file(PARAMS_CHECKED).write_text(CHECKED)
+    print(f"{shown(params_file)}: every key is valid; data {shown(p.data)}; checkpoint {shown(p.checkpoint or 'none')}")

@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from mixer.errors import MixerError
+from mixer.text import shown
 from pipeline.allocator import keep_freed_memory
 from pipeline.params import PARAMS_FILE, Params, field_info, stage_keys
 
@@ -31,7 +32,9 @@ ParamsOption = Annotated[Path, typer.Option("--params", help="params file to rea
 
 def fail(message: str) -> typer.Exit:
     """Print a one-line error and return the exit to raise (code 2)."""
-    typer.echo(f"error: {message}", err=True)
+    # Every MixerError ends here, and its message names paths, class names or URLs from outside:
+    # escaped, so they cannot drive the terminal, and a line break in one keeps the error on one line.
+    typer.echo(f"error: {shown(message)}", err=True)
     return typer.Exit(2)
 
 
@@ -154,16 +157,19 @@ def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
     except Interrupted as exc:
         signum = getattr(exc, "signum", 0)
         name = signal.Signals(signum).name if signum else "request"
-        typer.echo(f"stopped by {name}: {exc}; run the same command (or dvc repro) to continue", err=True)
+        typer.echo(f"stopped by {name}: {shown(exc)}; run the same command (or dvc repro) to continue", err=True)
         raise typer.Exit(128 + signum) from None
 
 
 @stage_command("evaluate")
-def evaluate(overrides: dict, params: ParamsOption = PARAMS_FILE) -> None:
+def evaluate(overrides: dict, params: ParamsOption = PARAMS_FILE,
+             other_data: Annotated[bool, typer.Option(
+                 "--other-data", help="score prepared/ even if the model was trained on other data or another "
+                                      "split (its test split may then hold training images)")] = False) -> None:
     """Score the trained model on the test split and write reports/ (metrics, figures, README)."""
     from pipeline import evaluate as stage
 
-    stage.run(params, overrides)
+    stage.run(params, overrides, other_data)
 
 
 @app.command()
@@ -204,7 +210,7 @@ def import_weights(source: Annotated[str, typer.Argument(
     from pipeline import weights as stage
 
     c = stage.run(source, out_dir, image_shape, force).config
-    typer.echo(f"wrote {out_dir}: {c.depth} blocks, dim {c.dim}, patch {list(c.patch_shape)}, "
+    typer.echo(f"wrote {shown(out_dir)}: {c.depth} blocks, dim {c.dim}, patch {list(c.patch_shape)}, "
                f"image {list(c.image_shape)}, {c.num_classes} classes, GELU {c.gelu}")
 
 

@@ -15,18 +15,28 @@ from mixer.evaluation import split_logits
 from mixer.figures import confusion_figure, learning_curves_figure, mistakes_figure
 from mixer.metrics import score
 from mixer.model import MlpMixer
-from pipeline.outputs import writing
+from mixer.text import markdown, shown
+from pipeline.outputs import FIGURES as FIGURES_DIR, REPORT, Plan, Target, writing
 from pipeline.params import Params, load_params
 from pipeline.paths import FIGURES, PREPARED, REPORTS, TRAIN_LOG
 
 OUTPUTS = {name: REPORTS / name for name in ("metrics.json", "per_class.csv", "confusion.csv", "README.md")}
+SPLIT_KEYS = ("seed", "val_fraction", "test_fraction")
 
 
-def run(params_file: Path, overrides: dict) -> dict:
+def plan(p: Params) -> Plan:
+    """What `mixer evaluate` writes and reads (checked by `mixer check` too; see pipeline.outputs)."""
+    return Plan(targets=(Target(FIGURES, FIGURES_DIR), *(Target(path, REPORT) for path in OUTPUTS.values())),
+                inputs=(Path(p.output_dir), PREPARED, TRAIN_LOG))
+
+
+def run(params_file: Path, overrides: dict, other_data: bool = False) -> dict:
     p = load_params(params_file, overrides)
+    plan(p).verify()  # before any work
     model = load_model(Path(p.output_dir))
     prepared = open_prepared(PREPARED)
     check_fits(model, Path(p.output_dir), prepared)
+    scored = check_data(model, Path(p.output_dir), prepared, other_data)
     classes = model.class_names
     test, val = prepared.split("test"), prepared.split("val")
     test_scores = score(*split_logits(model, test, model.preprocessing, p.eval_batch_size), classes)
@@ -40,8 +50,9 @@ def run(params_file: Path, overrides: dict) -> dict:
         "val": {"accuracy": val_scores.accuracy, "top5_accuracy": val_scores.top5_accuracy,
                 "loss": val_scores.loss},
         "test_images": len(test),
+        "data": scored,
     }
-    with writing("mixer evaluate", FIGURES, *OUTPUTS.values()) as staging:
+    with writing("mixer evaluate", plan(p)) as staging:
         out = {name: staging.file(path) for (name, path) in OUTPUTS.items()}
         out["metrics.json"].write_text(json.dumps(metrics, indent=2) + "\n")
         write_csv(test_scores.per_class.round(4), out["per_class.csv"])
@@ -70,6 +81,37 @@ def check_fits(model: MlpMixer, directory: Path, prepared: Prepared) -> None:
                          f"but {PREPARED} used {prepared.resize}; {again}")
 
 
+def check_data(model: MlpMixer, directory: Path, prepared: Prepared, other_data: bool) -> dict:
+    """Which data is scored (the prepared hash) and whether the model was trained on it; another split or
+    other data is refused unless `other_data`, since its test split may hold the model's training images."""
+    record = getattr(model, "meta", {}).get("trained_on")
+    scored = {"prepared": prepared.data_hash, "matches_model": None}
+    if not isinstance(record, dict) or not isinstance(record.get("prepared_data"), str):
+        print(f"note: the model in {shown(directory)} does not record the data it was trained on (imported weights "
+              f"or an older model); the test split of {PREPARED} may hold images it was trained on")
+        return scored
+    scored["matches_model"] = record["prepared_data"] == prepared.data_hash
+    if scored["matches_model"]:
+        return scored
+    ours, theirs = _data_text(prepared.data_hash, prepared.split_params), _data_text(record["prepared_data"], record)
+    if other_data:
+        print(f"note: scoring {PREPARED} ({ours}), not the data the model was trained on ({shown(theirs)}): "
+              "--other-data")  # theirs: from the model's config.json
+        return scored
+    here = prepared.split_params or {}
+    flags = " ".join(f"--{k.replace('_', '-')} {record[k]}" for k in SPLIT_KEYS if k in record and k in here
+                     and record[k] != here[k])
+    again = f"run `mixer prepare {flags}`" if flags else "prepare the data it was trained on"
+    raise MixerError(f"{PREPARED} is not the data the model in {directory} was trained on ({PREPARED}: {ours}; the "
+                     f"model: {theirs}), so its test split may hold training images; {again}, or pass --other-data "
+                     "to score it anyway")
+
+
+def _data_text(data_hash: str, split: dict | None) -> str:
+    """'data 1a2b3c4d5e6f, seed 0, val_fraction 0.1, test_fraction 0.2' (what of the split is known)."""
+    return ", ".join([f"data {data_hash[:12]}"] + [f"{k} {split[k]}" for k in SPLIT_KEYS if k in (split or {})])
+
+
 def write_figures(scores, test, classes: list[str], folder: Path) -> None:
     confusion_figure(scores.confusion, classes, folder / "confusion.png")
     history = read_history(TRAIN_LOG / "plots" / "metrics")
@@ -92,7 +134,7 @@ def read_history(folder: Path) -> pd.DataFrame | None:
             table = pd.read_csv(tsv, sep="\t")
             tables.append(table[["step", table.columns[-1]]].rename(columns={table.columns[-1]: name}))
         except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
-            print(f"note: no learning curves: {tsv} is unreadable ({type(exc).__name__})")
+            print(f"note: no learning curves: {shown(tsv)} is unreadable ({type(exc).__name__})")
             return None
     if not tables:
         return None
@@ -105,7 +147,9 @@ def read_history(folder: Path) -> pd.DataFrame | None:
 def readme(p: Params, metrics: dict) -> str:
     keys = ["data", "image_shape", "patch_shape", "variant", "depth", "dim", "num_classes", "batch_size",
             "optimizer", "lr", "decay", "num_steps", "warmup_step", "scheduler", "seed"]
-    rows = "\n".join(f"| `{k}` | `{_show(getattr(p, k))}` |" for k in keys)
+    # markdown(), not a code span: a value (the `data` path, a checkpoint URL) may hold a backtick, a
+    # `|` or HTML, which a code span does not contain; escaped, it renders as the text it is
+    rows = "\n".join(f"| `{k}` | {markdown(_show(getattr(p, k)))} |" for k in keys)
     return f"""# Run report
 
 Written by `mixer evaluate`. Compare with another commit: `dvc metrics diff`, `dvc plots diff`.
@@ -119,6 +163,8 @@ Written by `mixer evaluate`. Compare with another commit: `dvc metrics diff`, `d
 | loss | {_cell(metrics['loss'])} | {_cell(metrics['val']['loss'])} |
 
 Per class: [per_class.csv](per_class.csv). Data: [data.json](data.json).
+
+Scored on prepared data `{metrics['data']['prepared'][:12]}`: {_provenance(metrics['data']['matches_model'])}.
 
 ## Params that define the run
 
@@ -134,6 +180,13 @@ Per class: [per_class.csv](per_class.csv). Data: [data.json](data.json).
 
 ![worst mistakes](figures/mistakes.png)
 """
+
+
+def _provenance(matches_model: bool | None) -> str:
+    if matches_model is None:
+        return "the model does not record the data it was trained on (imported weights or an older model)"
+    return "the data the model was trained on" if matches_model else \
+        "**not** the data the model was trained on (`mixer evaluate --other-data`)"
 
 
 def _cell(value: float | None) -> str:

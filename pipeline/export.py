@@ -6,7 +6,8 @@ from pathlib import Path
 
 from mixer.checkpoint import load_model
 from mixer.inference import export_onnx
-from pipeline.outputs import writing
+from mixer.text import shown
+from pipeline.outputs import ONNX, Plan, Target, writing
 from pipeline.params import load_params
 
 
@@ -14,6 +15,6 @@ def run(model_dir: Path | None, params_file: Path) -> None:
     directory = Path(model_dir or load_params(params_file).output_dir)
     model = load_model(directory)
     target = directory / "model.onnx"
-    with writing("mixer export", target) as staging:
+    with writing("mixer export", Plan(targets=(Target(target, ONNX),))) as staging:
         difference = export_onnx(model, staging.file(target))
-    print(f"wrote {target} (dynamic batch); max |ONNX - PyTorch| = {difference:.2e}")
+    print(f"wrote {shown(target)} (dynamic batch); max |ONNX - PyTorch| = {difference:.2e}")

@@ -1,72 +1,429 @@
-"""Outputs that are complete or untouched: one writer per path, written aside, swapped in at the end.
+"""What a command may replace, and how: the one home of the rule every writing command goes through.
 
-A command takes an exclusive lock on every path it writes (a second writer stops at once, naming
-the first), writes new contents into hidden staging paths beside the targets, and moves them over
-the targets only when all its work has succeeded. A command that fails, or is killed, leaves the
-targets as they were; what a killed one left beside them is cleaned up by the next writer.
+The rule:
+- A command writes only a path that does not exist, an empty folder, or an artifact of the kind it
+  writes, recognised by what it holds (a model directory's config.json, a prepared cache's
+  prepared.json, a predictions file's header; see `Kind`). Anything else (a user's file or folder, a
+  device, a FIFO, a socket, a link to something that is not ours, or a path that is, or holds, one of
+  the command's inputs) is one line naming the path and what is there, before any work.
+- A path that a user chooses (output_dir, --out, import-weights' folder) never is, or lies inside, the
+  project's own places (data/, prepared/, checkpoints/, reports/, .git, .dvc, the package's source)
+  and never is the project folder or one of its ancestors; the outputs of one command never overlap.
+- One writer per path: a command takes an exclusive lock on every path it writes (a second writer
+  stops at once, naming the first). Locks and their owner records live in a folder of the user's own
+  (mode 0700, checked), and records are opened without following links.
+- Complete or untouched: new contents are written into hidden staging paths beside the targets and
+  moved over them only when all the work has succeeded. A folder that cannot be renamed (a mount
+  point) is filled in place instead. What a killed writer left is removed by the next writer, but only
+  the paths the killed writer listed in its owner record: a user's `.output.old-2024/` is never touched.
 """
 
 from __future__ import annotations
 
-import glob
+import csv
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import stat
 import sys
-import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from filelock import FileLock, Timeout
 
 from mixer.errors import MixerError
 
-LOCKS = Path(tempfile.gettempdir()) / f"mixer-locks-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+RECORD_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
+# ---- kinds of artifact -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of artifact: what it is called, whether it is a folder, and how to recognise one of ours.
+
+    A folder is ours when every entry is one `entries` names (or `keep`), and `recognise` (if given)
+    accepts it; a file is ours when `recognise` accepts it. `keep` entries are carried across a
+    replacement: they belong to someone else (the `.gitignore` DVC writes beside its outputs).
+    """
+
+    name: str
+    folder: bool
+    entries: frozenset[str] = frozenset()
+    recognise: Callable[[Path], bool] | None = None
+    keep: frozenset[str] = frozenset({".gitignore"})
+
+    def owns(self, path: Path) -> str | None:
+        """None when `path` (which exists) is an artifact of this kind; else what is there instead."""
+        if not self.folder:
+            return None if self.recognise is not None and self.recognise(path) else f"a file that is not a {self.name}"
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            return f"a folder that cannot be read ({exc.strerror})"
+        if not names:
+            return None
+        foreign = [n for n in names if n not in self.entries | self.keep and not _staging_name(n, path)]
+        if foreign:
+            return f"a folder with files this command did not write (e.g. {foreign[0]!r})"
+        if self.recognise is not None and not self.recognise(path):
+            return f"a folder that is not a {self.name}"
+        return None
+
+
+def _json_field(path: Path, key: str, value) -> bool:
+    try:
+        return json.loads(path.read_bytes()).get(key) == value
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _has_keys(path: Path, keys: set[str]) -> bool:
+    try:
+        return keys <= set(json.loads(path.read_bytes()))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and _json_field(path / "config.json", "format", "mlp-mixer")
+
+
+def _is_predictions(path: Path) -> bool:
+    """The first line `mixer predict` writes: the CSV header, or a JSON Lines record with path and error."""
+    if not path.is_file():  # never open a FIFO: it would block
+        return False
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    header = next(csv.reader([first]), [])
+    if header[:1] == ["path"] and header[-1:] == ["error"]:
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and {"path", "error"} <= set(record)
+
+
+def _staging_name(name: str, folder: Path) -> bool:
+    """What a killed write of ours left inside our folder: staging in a mount point, an atomic_write temporary."""
+    return name.startswith(f".{folder.name}.") and name.endswith(".partial") or \
+        name.startswith(".") and name.endswith(".tmp")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    """A regular file that begins with `magic` (an ONNX protobuf begins with its ir_version field, 0x08)."""
+    if not path.is_file():  # never open a FIFO: it would block
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def _json_object_with(key: str) -> Callable[[Path], bool]:
+    return lambda path: path.is_file() and _has_keys(path, {key})
+
+
+def _csv_header(*columns: str) -> Callable[[Path], bool]:
+    def recognise(path: Path) -> bool:
+        if not path.is_file():  # never open a FIFO: it would block
+            return False
+        try:
+            with open(path, encoding="utf-8") as f:
+                return next(csv.reader([f.readline(1 << 16)]), [])[:len(columns)] == list(columns)
+        except (OSError, UnicodeDecodeError):
+            return False
+    return recognise
+
+
+# The files of the project's reports/, each recognised by how its writer begins it.
+REPORTS = {
+    "metrics.json": _json_object_with("accuracy"),
+    "data.json": _json_object_with("classes"),
+    "per_class.csv": _csv_header("class", "precision"),
+    "confusion.csv": _csv_header("actual", "predicted"),
+    "README.md": lambda p: _starts_with(p, b"# Run report"),
+    "params-check.txt": lambda p: _starts_with(p, b"params.yaml passed `mixer check`"),
+}
+
+
+def _is_report(path: Path) -> bool:
+    return path.name in REPORTS and REPORTS[path.name](path)
+
+
+MODEL = Kind("model directory", True, frozenset({"config.json", "model.safetensors", "model.onnx"}), _is_model_dir)
+PREPARED = Kind("prepared cache", True, frozenset({"images.npy", "manifest.csv", "prepared.json"}),
+                lambda p: not os.path.lexists(p / "prepared.json") or _has_keys(p / "prepared.json",
+                                                                                 {"classes", "data_hash"}))
+TRAIN_LOG = Kind("training log", True, frozenset({"metrics.json", "params.yaml", "plots", "report.html",
+                                                  "report.md", "dvc.yaml"}))
+FIGURES = Kind("figures folder", True, frozenset({"confusion.png", "learning_curves.png", "mistakes.png"}))
+RUN = Kind("run checkpoint folder", True, frozenset({"last.pt", "best"}))
+REPORT = Kind("report", False, recognise=_is_report)
+PREDICTIONS = Kind("predictions file", False, recognise=_is_predictions)
+ONNX = Kind("ONNX model", False, recognise=lambda p: _starts_with(p, b"\x08") and _is_model_dir(p.parent))
+
+
+# ---- the checks, before any work ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """A path a command writes, the kind of artifact it is, and the params key or option that named it."""
+
+    path: Path
+    kind: Kind
+    named_by: str | None = None  # e.g. "output_dir": a path the user chose (see `project_places`)
+
+    def __str__(self) -> str:
+        return f"{self.named_by} {_shown(self.path)}" if self.named_by else _shown(self.path)
+
+
+def project_places(extra: Iterable[Path] = ()) -> list[Path]:
+    """The folders a user-chosen output may never be, or lie inside: the project's own, and the code's."""
+    import mixer
+    import pipeline
+
+    from pipeline.paths import CHECKPOINTS, PREPARED as PREPARED_DIR, REPORTS
+
+    places = [Path(mixer.__file__).parent, Path(pipeline.__file__).parent, *extra]
+    if Path("dvc.yaml").exists() or Path("params.yaml").exists():  # run in a project: its folders too
+        places += [PREPARED_DIR, REPORTS, CHECKPOINTS, Path("data"), Path(".git"), Path(".dvc")]
+    return [Path(os.path.abspath(p)) for p in places]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one command writes and reads: its targets (main output first), inputs and the places to keep out of."""
+
+    targets: tuple[Target, ...]
+    inputs: tuple[Path, ...] = ()
+    places: tuple[Path, ...] | None = None  # None: project_places()
+
+    def verify(self) -> None:
+        """Refuse, with one line, every target this command may not write (see the module docstring)."""
+        targets = list(self.targets)
+        inputs = [_real(Path(i)) for i in self.inputs if os.path.lexists(i)]
+        places = [_real(p) for p in (project_places() if self.places is None else self.places)]
+        root = _real(Path.cwd())
+        for (n, t) in enumerate(targets):
+            real = _real(t.path)
+            if t.named_by is not None:
+                if real == root or root.is_relative_to(real):
+                    what = "the project folder" if real == root else "a folder that holds the project"
+                    raise MixerError(f"{t} is {what}; choose a new folder for the {t.kind.name}")
+                for place in places:
+                    if real.is_relative_to(place):
+                        where = "is" if real == place else f"is inside {_shown(place)},"
+                        raise MixerError(f"{t} {where} one of the project's own folders; choose another path for "
+                                         f"the {t.kind.name}")
+            for i in inputs:
+                if i.is_relative_to(real):
+                    raise MixerError(f"{t} {'is' if i == real else 'holds'} {_shown(i)}, an input of this command; "
+                                     "choose another path")
+            for other in targets[n + 1:]:
+                theirs = _real(other.path)
+                if real.is_relative_to(theirs) or theirs.is_relative_to(real):
+                    raise MixerError(f"{t} and {other} overlap; give the {t.kind.name} a path of its own")
+            _check_target(t)
+
+
+def _check_target(t: Target) -> None:
+    path = t.path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise MixerError(f"cannot inspect {t}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):  # written where the link points, so that is what must be ours
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise MixerError(f"{t} is a link to nothing ({_shown(os.readlink(path))}); remove it or choose "
+                             "another path") from None
+        path = _real(path)
+    mode = st.st_mode
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise MixerError(f"{t} is a {_special(mode)}; give the path of a new {'folder' if t.kind.folder else 'file'}")
+    if t.kind.folder and not stat.S_ISDIR(mode):
+        raise MixerError(f"{t} exists and is not a folder; move it away or choose another path")
+    if not t.kind.folder and stat.S_ISDIR(mode):
+        raise MixerError(f"{t} is a folder; give a file path")
+    problem = t.kind.owns(path)
+    if problem is not None:
+        raise MixerError(f"{t} is {problem}; move it away or choose another path (a command replaces only "
+                         f"a {t.kind.name} it wrote)")
+
+
+def _special(mode: int) -> str:
+    for (test, name) in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                         (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _shown(target: Path | str) -> str:
+    """The path as the user most likely wrote it: relative to the working directory when inside it."""
+    target = Path(os.path.abspath(target))
+    try:
+        shown = str(target.relative_to(Path.cwd())) or "."
+    except ValueError:
+        shown = str(target)
+    return os.fsencode(shown).decode("utf-8", "backslashreplace")
+
+
+# ---- locks and their owner records ---------------------------------------------------------------
+
+def lock_folder() -> Path:
+    """The user's own lock folder ($MIXER_LOCKS, else ~/.cache/mixer/locks), created 0700 and checked."""
+    folder = Path(os.environ.get("MIXER_LOCKS") or Path.home() / ".cache" / "mixer" / "locks")
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(folder)
+    except OSError as exc:
+        raise MixerError(f"cannot create the lock folder {folder}: {exc.strerror}") from None
+    uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise MixerError(f"the lock folder {folder} is not private (a link, another user's, or open to others); "
+                         "remove it, or set MIXER_LOCKS to a folder of your own")
+    return folder
+
+
+class Record:
+    """The owner record of one lock: who holds it, and every staging path it made (for the next writer)."""
+
+    def __init__(self, path: Path, command: str, target: Path):
+        self.path = path
+        self.data = {"command": command, "pid": os.getpid(), "argv": sys.argv, "target": str(target),
+                     "staged": []}
+
+    def add(self, made: Path) -> None:
+        """List `made` before it is created, so a kill at any moment leaves nothing unlisted."""
+        self.data["staged"].append(str(made))
+        self.write()
+
+    def write(self) -> None:
+        """Replace the record: unlinked first (a link there is removed, never followed), then created anew."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        fd = os.open(self.path, RECORD_FLAGS, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.data, f)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd) as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _lock(target: Path, command: str) -> tuple[FileLock, Record]:
+    """The exclusive lock of one path (keyed by its absolute path), or an error naming its holder."""
+    folder = lock_folder()
+    key = hashlib.sha256(os.fsencode(target)).hexdigest()[:20]
+    lock, owner = FileLock(folder / f"{key}.lock"), folder / f"{key}.owner"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        who = _read_record(owner)
+        holder = f"another {who['command']} (pid {who['pid']})" if {"command", "pid"} <= set(who) else \
+            "another mixer command"
+        raise MixerError(f"{_shown(target)} is being written by {holder}; wait for it to finish or stop it") from None
+    _recover(target, _read_record(owner))
+    record = Record(owner, command, target)
+    record.write()
+    return lock, record
+
+
+def _recover(target: Path, previous: dict) -> None:
+    """Undo what the killed previous writer of `target` listed: put back a folder caught mid-swap, drop staging.
+
+    Only listed paths named like staging paths of this target are touched; the record lives in the
+    user's private lock folder, so nobody else can make us delete something.
+    """
+    if previous.get("target") != str(target):
+        return
+    for name in reversed(previous.get("staged", [])):
+        path = Path(name)
+        if path.parent not in (target.parent, target) or not path.name.startswith(f".{target.name}."):
+            continue
+        if path.name.startswith(f".{target.name}.old-") and path.exists() and not os.path.lexists(target):
+            os.rename(path, target)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            path.unlink(missing_ok=True)
+
+
+# ---- staging and the swap ------------------------------------------------------------------------
+
+@dataclass
 class Staging:
-    """New contents for target paths, moved over them by `commit`."""
+    """New contents for the targets, moved over them by `commit`."""
 
-    def __init__(self) -> None:
-        self.staged: list[tuple[Path, Path]] = []  # (staging path, target)
+    records: dict[Path, Record]  # by the target's real path
+    staged: list[tuple[Path, Path]] = field(default_factory=list)  # (staging path, real target)
 
     def dir(self, target: Path) -> Path:
         """An empty folder that becomes `target` (a folder) at the end."""
-        if Path(target).exists() and not Path(target).is_dir():
-            raise MixerError(f"{target} exists and is not a folder; move it away or choose another path")
-        return self._stage(target, tempfile.mkdtemp)
+        return self._stage(Path(target), folder=True)
 
     def file(self, target: Path) -> Path:
         """A path to write that becomes `target` (a file) at the end."""
-        if Path(target).is_dir():
-            raise MixerError(f"{target} is a folder; give a file path")
-        return self._stage(target, tempfile.mkstemp)
+        return self._stage(Path(target), folder=False)
 
-    def _stage(self, target: Path, make) -> Path:
-        target = Path(target).resolve() if Path(target).is_symlink() else Path(target)  # write where a link points
+    def _stage(self, target: Path, folder: bool) -> Path:
+        real = _real(target)  # write where a link points
+        beside = real if folder and os.path.ismount(real) else real.parent  # a mount point cannot be renamed
+        made = beside / f".{real.name}.{secrets.token_hex(4)}.partial"
+        self.records[real].add(made)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            made = make(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+            beside.mkdir(parents=True, exist_ok=True)
+            if folder:
+                made.mkdir(mode=0o777)  # the umask decides, as for any folder the user makes
+            else:
+                os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except OSError as exc:
-            raise MixerError(f"cannot write beside {target}: {exc.strerror}") from None
-        if isinstance(made, tuple):  # mkstemp: (fd, path)
-            os.close(made[0])
-            made = made[1]
-        self.staged.append((Path(made), target))
-        return Path(made)
+            raise MixerError(f"cannot write beside {_shown(target)}: {exc.strerror}") from None
+        self.staged.append((made, real))
+        return made
 
     def commit(self) -> None:
         for (new, target) in self.staged:
-            if new.is_dir() and target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.rename(target, old)
-                os.rename(new, target)
-                shutil.rmtree(old)
+            if new.is_dir():
+                _swap_folder(new, target, self.records[target])
             else:
                 os.replace(new, target)
         self.staged = []
+
+    def target_of(self, path: str | Path) -> str:
+        """A path inside a staging path, shown as the path it will have in its target."""
+        path = Path(os.path.abspath(path))
+        for (new, target) in self.staged:
+            if path.is_relative_to(new):
+                return _shown(target / path.relative_to(new) if path != new else target)
+        return _shown(path)
 
     def discard(self) -> None:
         for (new, _) in self.staged:
@@ -77,67 +434,61 @@ class Staging:
         self.staged = []
 
 
+def _swap_folder(new: Path, target: Path, record: Record) -> None:
+    for name in (".gitignore",):  # what others keep in our folder stays
+        if (target / name).is_file() and not (new / name).exists():
+            shutil.copy2(target / name, new / name)
+    if new.parent == target:  # a mount point: empty it of our old entries, move the new ones in
+        for entry in os.listdir(target):
+            path = target / entry
+            if path != new and entry != ".gitignore":
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for entry in os.listdir(new):
+            os.replace(new / entry, target / entry)
+        new.rmdir()
+        return
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    record.add(old)
+    os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 @contextmanager
-def writing(command: str, *targets: Path) -> Iterator[Staging]:
-    """Hold the lock of every target for `command`, clean up after killed writers, stage, then commit.
+def writing(command: str, plan: Plan) -> Iterator[Staging]:
+    """Hold the lock of every target for `command`, clean up after killed writers, check, stage, commit.
 
     Locks are taken in the order given (the main output first, so a clash names it) and never waited
-    for, so two commands cannot deadlock.
+    for, so two commands cannot deadlock. The targets are checked under the locks, so what was
+    checked is what is replaced.
     """
-    held = []
+    held: list[FileLock] = []
+    records: dict[Path, Record] = {}
     try:
-        for target in dict.fromkeys(Path(t).resolve() for t in targets):
-            held.append(_lock(target, command))
-            _recover(target)
-        staging = Staging()
+        for t in plan.targets:
+            real = _real(t.path)
+            if real not in records:
+                lock, records[real] = _lock(real, command)
+                held.append(lock)
+        plan.verify()
+        staging = Staging(records)
         try:
             yield staging
             staging.commit()
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            where = staging.target_of(exc.filename) if exc.filename else \
+                " or ".join(_shown(t.path) for t in plan.targets)
+            raise MixerError(f"cannot write {where}: {exc.strerror}; nothing was replaced") from None
         finally:
             staging.discard()
     finally:
         for lock in reversed(held):
             lock.release()
-
-
-def _lock(target: Path, command: str) -> FileLock:
-    """The exclusive lock of one path (keyed by its absolute path), or an error naming its holder."""
-    key = hashlib.sha256(os.fsencode(target)).hexdigest()[:20]
-    try:
-        LOCKS.mkdir(mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise MixerError(f"cannot create the lock folder {LOCKS}: {exc.strerror}") from None
-    lock, owner = FileLock(LOCKS / f"{key}.lock"), LOCKS / f"{key}.owner"
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        try:
-            who = json.loads(owner.read_text())
-            holder = f"another {who['command']} (pid {who['pid']})"
-        except (OSError, ValueError, KeyError, TypeError):
-            holder = "another mixer command"
-        raise MixerError(f"{_shown(target)} is being written by {holder}; wait for it to finish or stop it") from None
-    owner.write_text(json.dumps({"command": command, "pid": os.getpid(), "argv": sys.argv}))
-    return lock
-
-
-def _shown(target: Path) -> str:
-    """The path as the user most likely wrote it: relative to the working directory when inside it."""
-    try:
-        return str(target.relative_to(Path.cwd()))
-    except ValueError:
-        return str(target)
-
-
-def _recover(target: Path) -> None:
-    """Undo what a killed writer of `target` left: put back a folder caught mid-swap, drop staging."""
-    if not target.parent.is_dir():
-        return
-    old = sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*"))
-    if old and not target.exists():
-        os.rename(old.pop(), target)
-    for path in old + sorted(target.parent.glob(f".{glob.escape(target.name)}.*.partial")):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)

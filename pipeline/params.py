@@ -21,6 +21,7 @@ from mixer.errors import MixerError
 from mixer.model import VARIANTS, MixerConfig
 from mixer.preprocess import RESIZE_POLICIES
 from mixer.pretrained import pretrained_config
+from mixer.text import shown
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -112,7 +113,8 @@ def input_shape(p: Params, checkpoint_config: MixerConfig | None = None) -> tupl
         return p.image_shape
     shape = (checkpoint_config or pretrained_config(p.checkpoint)).image_shape
     if shape != p.image_shape:
-        print(f"note: image_shape {list(shape)} from checkpoint {p.checkpoint} (params say {list(p.image_shape)})")
+        print(f"note: image_shape {list(shape)} from checkpoint {shown(p.checkpoint)} "
+              f"(params say {list(p.image_shape)})")
     return shape
 
 

@@ -20,11 +20,12 @@ from rich.table import Table
 from rich.text import Text
 
 from mixer.checkpoint import load_model
-from mixer.data import printable, write_csv
+from mixer.data import write_csv
 from mixer.errors import MixerError
 from mixer.inference import list_images, predict_batches, prediction_columns
-from mixer.pretrained import load_pretrained
-from pipeline.outputs import writing
+from mixer.pretrained import is_remote, load_pretrained, model_directory
+from mixer.text import shown
+from pipeline.outputs import PREDICTIONS, Plan, Target, writing
 from pipeline.params import load_params
 
 FORMATS = ("csv", "json")
@@ -36,14 +37,22 @@ def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None,
     if format not in FORMATS:
         raise MixerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     spec = model_spec or load_params(params_file).output_dir
-    model = (load_model(Path(spec)) if Path(spec).is_dir() else load_pretrained(spec)).eval()
+    plan = Plan(targets=(Target(Path(out), PREDICTIONS, "--out"),) if out is not None else (),
+                inputs=(*paths, *(() if is_remote(spec) else (Path(spec),))))
+    plan.verify()  # before any work: --out is not an input, a device, or a file of the user's
+    folder = Path(spec) if Path(spec).is_dir() else model_directory(spec)  # a folder, or its model.safetensors
+    if folder is None and not is_remote(spec) and Path(spec).is_file():
+        # bare weights: nothing says the class names or normalisation, and index labels look like real ones
+        print(f"note: {shown(spec)} has no config.json of this project beside it: labels are class indices and "
+              "the normalisation is the default (mean 0.5, std 0.5)", file=sys.stderr)
+    model = (load_model(folder) if folder is not None else load_pretrained(spec)).eval()
     images, skipped = list_images(paths)
     console = Console()
-    shown: list[pd.DataFrame] = []
+    listed: list[pd.DataFrame] = []  # the rows of a short run, for the table
     labels: collections.Counter = collections.Counter()
     errors: list[tuple[str, str]] = []
     started = time.perf_counter()
-    with (writing("mixer predict", out) if out is not None else nullcontext()) as staging:
+    with (writing("mixer predict", plan) if out is not None else nullcontext()) as staging:
         sink = open(staging.file(out), "w", encoding="utf-8", newline="") if out is not None else None
         try:
             with Progress(transient=True, disable=not sys.stdout.isatty()) as bar:
@@ -55,18 +64,18 @@ def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None,
                     labels.update(v for v in chunk.get("label_1", []) if v)
                     errors += [(p, e) for (p, e) in zip(chunk["path"], chunk["error"]) if e]
                     if len(images) + len(skipped) <= TABLE_ROWS:
-                        shown.append(chunk)
+                        listed.append(chunk)
                     bar.advance(task, len(chunk))
         finally:
             if sink is not None:
                 sink.close()
     seconds = time.perf_counter() - started
-    if shown:
-        _print_table(console, pd.concat(shown, ignore_index=True))
+    if listed:
+        _print_table(console, pd.concat(listed, ignore_index=True))
     else:
         _print_summary(console, len(images) + len(skipped), labels, errors, seconds)
     if out is not None:
-        console.print(Text(f"wrote {printable(out)}"))
+        console.print(Text(f"wrote {shown(out)}"))
 
 
 def _chunks(batches, tail: pd.DataFrame):
@@ -87,7 +96,8 @@ def _print_table(console: Console, table: pd.DataFrame) -> None:
     for column in table.columns:
         view.add_column(column, overflow="fold")
     for row in table.itertuples(index=False):  # Text, not markup: a file may be called "[bold]x.jpg"
-        view.add_row(*[Text(f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row])
+        # shown: rich passes ESC through, so a file or class name could drive the terminal
+        view.add_row(*[Text(f"{v:.4f}" if isinstance(v, float) else shown(v)) for v in row])
     console.print(view)
 
 
@@ -96,8 +106,9 @@ def _print_summary(console: Console, total: int, labels: collections.Counter, er
     console.print(Text(f"{total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} images/s): "
                        f"{sum(labels.values())} predicted, {len(errors)} could not be read"))
     if labels:
-        console.print(Text("most predicted: " + ", ".join(f"{name} {count}" for (name, count) in labels.most_common(5))))
+        console.print(Text("most predicted: " + ", ".join(f"{shown(name)} {count}"
+                                                         for (name, count) in labels.most_common(5))))
     for (path, error) in errors[:3]:
-        console.print(Text(f"  {path}: {error}"))
+        console.print(Text(f"  {shown(path)}: {shown(error)}"))
     if len(errors) > 3:
         console.print(Text(f"  and {len(errors) - 3} more (see the error column of --out)"))

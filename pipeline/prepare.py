@@ -11,21 +11,30 @@ from rich.progress import Progress
 
 from mixer.data import PrepareConfig, open_source, prepare
 from mixer.errors import MixerError
-from pipeline.outputs import writing
-from pipeline.params import input_shape, load_params
+from mixer.resources import check_prepare_disk
+from pipeline.outputs import PREPARED as CACHE, REPORT, Plan, Target, writing
+from pipeline.params import Params, input_shape, load_params
 from pipeline.paths import DATA_REPORT, PREPARED
+
+
+def plan(p: Params) -> Plan:
+    """What `mixer prepare` writes and reads (checked by `mixer check` too; see pipeline.outputs)."""
+    return Plan(targets=(Target(PREPARED, CACHE), Target(DATA_REPORT, REPORT)),
+                inputs=(Path(p.data),) if p.data != "digits" else ())
 
 
 def run(params_file: Path, overrides: dict, workers: int) -> dict:
     p = load_params(params_file, overrides)
+    plan(p).verify()  # before any work
     if workers < 1:
         raise MixerError(f"--workers must be at least 1, got {workers}")
     config = PrepareConfig(image_shape=input_shape(p), resize=p.resize, val_fraction=p.val_fraction,
                            test_fraction=p.test_fraction, seed=p.seed, num_classes=p.num_classes,
                            strict=p.strict, drop_duplicates=p.drop_duplicates)
-    with writing("mixer prepare", PREPARED, DATA_REPORT) as staging, tempfile.TemporaryDirectory() as scratch:
+    with writing("mixer prepare", plan(p)) as staging, tempfile.TemporaryDirectory() as scratch:
         cache, data_report = staging.dir(PREPARED), staging.file(DATA_REPORT)
         source = open_source(p.data, Path(scratch))
+        check_prepare_disk(len(source.items), config.image_shape, cache)  # before decoding into a sparse file
         with Progress(transient=True, disable=not sys.stdout.isatty()) as bar:
             task = bar.add_task(f"decoding {len(source.items)} images", total=len(source.items))
             report = prepare(source, cache, config, workers, progress=lambda: bar.advance(task))

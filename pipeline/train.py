@@ -25,11 +25,13 @@ from mixer.data import Prepared, open_prepared
 from mixer.engine import Interrupted, Machine, TrainConfig, steps_per_epoch, train
 from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, create_model
-from mixer.pretrained import load_pretrained
+from mixer.pretrained import is_remote, load_pretrained, pretrained_config
+from mixer.resources import check_training_memory
 from mixer.preprocess import Preprocessing
+from mixer.text import shown
 from mixer.train_state import TrainState
 from pipeline.orphan import stop_when_dvc_dies
-from pipeline.outputs import writing
+from pipeline.outputs import MODEL, RUN, TRAIN_LOG as LOG, Plan, Target, project_places, writing
 from pipeline.params import Params, input_shape, load_params, stage_keys
 from pipeline.paths import CHECKPOINTS, PREPARED, TRAIN_LOG
 from pipeline.progress import ConsoleReporter
@@ -65,6 +67,23 @@ def architecture(p: Params, num_classes: int, image_shape: tuple[int, int]) -> M
     return create_model(p.variant, **fields).config
 
 
+def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 1) -> int:
+    """Refuse params whose training step cannot fit in this machine's memory; returns the estimate in bytes.
+
+    `config`: the model's architecture when it is built; else the params' (or the checkpoint's),
+    with 1000 classes, a bound, when num_classes comes from the data.
+    """
+    if config is None and p.checkpoint is not None:
+        have = pretrained_config(p.checkpoint)
+        config = replace(have, num_classes=p.num_classes or have.num_classes)
+    elif config is None:
+        with torch.device("meta"):  # the architecture only: no weights allocated, none initialised
+            config = architecture(p, p.num_classes or 1000, p.image_shape)
+    return check_training_memory(config, p.batch_size, variant=p.variant if p.checkpoint is None else None,
+                                 optimizer=p.optimizer, ema=p.ema_decay > 0, frozen=p.freeze == "features",
+                                 processes=processes)
+
+
 def build_model(p: Params, classes: list[str], resize: str, image_shape: tuple[int, int],
                 pretrained: MlpMixer | None) -> MlpMixer:
     """A fresh Mixer from the params, or the loaded `checkpoint` (mixer.pretrained) to fine-tune."""
@@ -80,7 +99,8 @@ def adapt_for_finetuning(model: MlpMixer, p: Params, classes: list[str]) -> MlpM
     have = model.config
     for key in ("patch_shape", "depth", "dim", "token_hidden", "channel_hidden"):
         if getattr(p, key) is not None and getattr(p, key) != getattr(have, key) and p.variant is None:
-            print(f"note: {key} = {getattr(have, key)} from checkpoint {p.checkpoint} (params say {getattr(p, key)})")
+            print(f"note: {key} = {getattr(have, key)} from checkpoint {shown(p.checkpoint)} "
+                  f"(params say {getattr(p, key)})")
     if model.class_names != classes:
         print(f"note: new zero-initialised head for {len(classes)} classes (checkpoint has {have.num_classes})")
         model.reset_head(classes)
@@ -97,10 +117,17 @@ def fingerprint(p: Params, prepared: Prepared, model: MlpMixer) -> dict:
     return values
 
 
+def trained_on(p: Params, prepared: Prepared) -> dict:
+    """The model's record of its training data: the prepared hash (which covers the split) and the split's
+    parameters, from the cache's own record where it has one (an override of `mixer prepare` is there)."""
+    split = prepared.split_params or {"seed": p.seed, "val_fraction": p.val_fraction, "test_fraction": p.test_fraction}
+    return {"prepared_data": prepared.data_hash, **split}
+
+
 def run_dir(output_dir: str) -> Path:
     """checkpoints/<output_dir>: the folder of the run that writes `output_dir`."""
     path = Path(os.path.normpath(output_dir))
-    if path.is_absolute() or path.parts[0] == "..":  # outside the project: a name of its own
+    if path.is_absolute() or path.parts[:1] in ((), ("..",)):  # outside the project, or it: a name of its own
         path = Path(f"{path.name}-{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:10]}")
     return CHECKPOINTS / path
 
@@ -185,6 +212,19 @@ def stop_on_signals() -> Iterator[Stop]:
             signal.signal(s, h)
 
 
+def plan(p: Params) -> Plan:
+    """What `mixer train` writes and reads (checked by `mixer check` too; see pipeline.outputs).
+
+    The starting weights are an input, so a checkpoint inside output_dir or the run's own folder
+    (which the run overwrites) is refused: after a kill the same command would start from other weights.
+    """
+    checkpoint = Path(p.checkpoint) if p.checkpoint is not None and not is_remote(p.checkpoint) else None
+    return Plan(targets=(Target(Path(p.output_dir), MODEL, "output_dir"), Target(TRAIN_LOG, LOG),
+                         Target(run_dir(p.output_dir), RUN)),
+                inputs=(PREPARED,) + ((checkpoint,) if checkpoint is not None else ()),
+                places=tuple(project_places([Path(p.data)] if p.data != "digits" else [])))
+
+
 def writable_folder(path: Path) -> None:
     """Create `path` and prove a file can be written there, before any training."""
     try:
@@ -198,10 +238,13 @@ def writable_folder(path: Path) -> None:
 
 def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | None, bar: bool | None) -> dict:
     p = load_params(params_file, overrides)
+    plan(p).verify()  # before any work: the outputs are ones this command may replace
     prepared = open_prepared(PREPARED)
     pretrained = load_pretrained(p.checkpoint) if p.checkpoint is not None else None  # loaded once
     image_shape = input_shape(p, pretrained.config if pretrained is not None else None)
     check_prepared(p, prepared, image_shape)
+    # before the model is built (it alone may not fit); the ranks on this machine share its RAM
+    check_memory(p, pretrained and pretrained.config, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.manual_seed(p.seed)  # the initialisation: the same on every rank and every run
     model = build_model(p, prepared.classes, prepared.resize, image_shape, pretrained)
     train_split, val_split = prepared.split("train"), prepared.split("val")
@@ -209,7 +252,7 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     steps_per_epoch(len(train_split), config, int(os.environ.get("WORLD_SIZE", "1")))  # before touching any file
     folder = run_dir(p.output_dir)
     main = os.environ.get("RANK", "0") == "0"
-    outputs = writing("mixer train", Path(p.output_dir), TRAIN_LOG, folder) if main else nullcontext()
+    outputs = writing("mixer train", plan(p)) if main else nullcontext()
     with outputs as staging, stop_on_signals() as stop:
         reporter = None
         if main:
@@ -222,7 +265,8 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
                            fingerprint(p, prepared, model), replace(machine, stop=stop), resume, reporter)
             if main:
                 save_model(result.model, model_dir,
-                           source=None if model.source is None else {"fine_tuned_from": model.source})
+                           source=None if model.source is None else {"fine_tuned_from": model.source},
+                           trained_on=trained_on(p, prepared))
                 reporter.end()
         except Interrupted as exc:
             exc.signum = stop.signum  # the CLI exits with 128 + it, as the shell does for a killed command

@@ -83,7 +83,7 @@ def test_typer_spellings_work_too(runner, project):
     (["train", "--checkpoint-every", "soon"], "error: --checkpoint-every must be a number of steps (500) or a time "
                                               "(90s, 10m, 2h), got 'soon'"),
     (["train", "--params", "."], "error: . is a folder; give a params file"),
-    (["train", "--batch-size", "100000"], "error: batch_size 100000 × grad_accum 1 × 1 process(es) exceeds the 27 "
+    (["train", "--batch-size", "1000"], "error: batch_size 1000 × grad_accum 1 × 1 process(es) exceeds the 27 "
                                           "training images; lower batch_size"),
 ])
 def test_bad_values_are_one_line_and_exit_2(runner, project, args, message):
@@ -187,7 +187,7 @@ def test_an_unwritable_checkpoint_folder_is_found_before_any_training(runner, tr
     (trained / "checkpoints").rename(trained / "moved")
     (trained / "checkpoints").write_text("a file where the checkpoint folder goes")
     result = runner.invoke(app, ["train", *TINY])
-    assert result.exit_code == 2 and result.output.startswith("error: cannot write checkpoints to checkpoints/output")
+    assert result.exit_code == 2 and result.output.startswith("error: cannot inspect checkpoints/output: Not a directory")
     assert "epoch 1" not in result.output
     assert (snapshot(trained / "reports"), snapshot(trained / "output")) == before
 
@@ -205,6 +205,39 @@ def test_evaluate_refuses_a_model_that_does_not_fit_the_prepared_data(runner, tr
     after = snapshot(trained / "reports")
     assert {k: v for (k, v) in after.items() if k != "data.json"} == {
         k: v for (k, v) in before.items() if k != "data.json"}  # prepare rewrote data.json; evaluate nothing
+
+
+def test_evaluate_refuses_another_split_unless_told_and_reports_what_it_scored(runner, trained):
+    """After `prepare --seed 1`, most of the 'test' images were training images: the score would flatter."""
+    seed0 = json.loads((trained / "prepared" / "prepared.json").read_text())["data_hash"]
+    record = json.loads((trained / "output" / "config.json").read_text())["trained_on"]
+    assert record == {"prepared_data": seed0, "seed": 0, "val_fraction": 0.1, "test_fraction": 0.2}
+    assert json.loads((trained / "reports" / "metrics.json").read_text())["data"] == {
+        "prepared": seed0, "matches_model": True}
+    assert f"prepared data `{seed0[:12]}`: the data the model was trained on" in (
+        trained / "reports" / "README.md").read_text()
+    before = snapshot(trained / "reports")
+    assert runner.invoke(app, ["prepare", "--seed", "1", "--workers", "1"]).exit_code == 0
+    seed1 = json.loads((trained / "prepared" / "prepared.json").read_text())["data_hash"]
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: prepared is not the data the model in output was trained on (prepared: "
+                                    f"data {seed1[:12]}, seed 1, val_fraction 0.1, test_fraction 0.2; the model: "
+                                    f"data {seed0[:12]}, seed 0, val_fraction 0.1, test_fraction 0.2)")
+    assert "run `mixer prepare --seed 0`, or pass --other-data to score it anyway" in result.output
+    assert {k: v for (k, v) in snapshot(trained / "reports").items() if k != "data.json"} == {
+        k: v for (k, v) in before.items() if k != "data.json"}
+    result = runner.invoke(app, ["evaluate", "--other-data"])
+    assert result.exit_code == 0 and "note: scoring prepared (data " in result.output, result.output
+    assert json.loads((trained / "reports" / "metrics.json").read_text())["data"] == {
+        "prepared": seed1, "matches_model": False}
+    assert "**not** the data the model was trained on" in (trained / "reports" / "README.md").read_text()
+    config = json.loads((trained / "output" / "config.json").read_text())
+    del config["trained_on"]  # as imported weights and older models are
+    (trained / "output" / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 0 and "does not record the data it was trained on" in result.output, result.output
+    assert json.loads((trained / "reports" / "metrics.json").read_text())["data"]["matches_model"] is None
 
 
 def test_class_names_are_shown_as_written_in_figures(runner, project, tmp_path):
@@ -246,8 +279,9 @@ def test_import_weights_never_overwrites_by_surprise(runner, project):
     (project / "a_file").write_text("mine")
     (project / "photos").mkdir()
     (project / "photos" / "keep.jpg").write_bytes(b"mine")
-    for (out, message) in (("a_file", "a_file is a file; give a folder for the model"),
-                           ("photos", "photos is a folder that holds something other than a model")):
+    for (out, message) in (("a_file", "OUT_DIR a_file exists and is not a folder"),
+                           ("photos", "OUT_DIR photos is a folder with files this command did not write (e.g. "
+                                      "'keep.jpg')")):
         result = runner.invoke(app, ["import-weights", "w.safetensors", out, "--force"])
         assert result.exit_code == 2 and message in result.output
     assert (project / "a_file").read_text() == "mine" and (project / "photos" / "keep.jpg").read_bytes() == b"mine"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, make_image_folder, write_params
 from mixer.data import open_prepared
 from pipeline.cli import app
-from pipeline.outputs import writing
+from pipeline.outputs import REPORT, Plan, Target, writing
 
 MIXER = str(Path(sys.executable).parent / "mixer")
 
@@ -98,7 +98,7 @@ def test_every_writing_command_respects_the_lock(project, args, target):
     runner = CliRunner()
     if args[0] == "evaluate":
         assert runner.invoke(app, ["prepare"]).exit_code == 0
-    with writing("a test holding the lock", project / target):
+    with writing("a test holding the lock", Plan((Target(project / target, REPORT),), places=())):
         result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert f"is being written by another a test holding the lock (pid {os.getpid()})" in result.output

@@ -189,6 +189,7 @@ def test_csv_sources(tmp_path):
     ("unlabelled", "1 labelled image(s) do not exist, e.g. 'b/ghost.png'"),
     ("escape", "path '../outside.png' escapes the data folder"),
     ("num_classes", "num_classes is 5 but data {root} has 2 classes"),
+    ("nul", "line 3: path 'b/img\\x00.png' holds a NUL byte, which no file name can hold; fix that row"),
 ])
 def test_errors_name_the_culprit(tmp_path, case, message):
     root = tmp_path / "data"
@@ -202,10 +203,11 @@ def test_errors_name_the_culprit(tmp_path, case, message):
         make_image_folder(root, {"a": 3})
         (root / "b").mkdir()
         (root / "b" / "bad.png").write_bytes(b"nope")
-    elif case in ("columns", "unlabelled", "escape"):
+    elif case in ("columns", "unlabelled", "escape", "nul"):
         make_image_folder(root, {"a": 2, "b": 2})
         table = {"columns": "file,kind\na/img000.png,a\n", "unlabelled": "path,label\nb/ghost.png,b\n",
-                 "escape": "path,label\n../outside.png,a\n"}[case]
+                 "escape": "path,label\n../outside.png,a\n",
+                 "nul": "path,label\na/img000.png,a\nb/img\x00.png,b\n"}[case]
         (root / "labels.csv").write_text(table)
         target = root / "labels.csv"
     elif case == "num_classes":
@@ -273,6 +275,47 @@ def test_names_that_are_not_utf8(tmp_path):
     (root / "cat").rename(os.fsdecode(os.fsencode(root) + b"/ch\xe2t"))
     with pytest.raises(MixerError, match=r"class folder .*/ch\\xe2t has a name that is not UTF-8; rename it"):
         scan_folder(root)
+
+
+OUTSIDE_FOLDER = "link to a folder outside the data folder; not followed"
+OUTSIDE_FILE = "link to a file outside the data folder; not read"
+
+
+@pytest.mark.parametrize(("case", "extra", "skipped"), [
+    ("folder_link_outside", [], {"cat/elsewhere": OUTSIDE_FOLDER}),
+    ("folder_link_outside_deeper", ["cat/pool/p.png"], {"cat/pool/away": OUTSIDE_FOLDER}),  # via one inside
+    ("file_link_outside", [], {"dog/far.png": OUTSIDE_FILE}),
+    ("links_inside_through_a_linked_root", ["cat/pool/p.png", "dog/near.png"], {}),  # followed, as before
+    ("folder_not_utf8", [], {"cat/\\xff": "folder name is not UTF-8; not scanned"}),
+])
+def test_a_walk_stays_in_the_data_folder_and_reports_what_it_leaves(tmp_path, case, extra, skipped):
+    """A folder link out of the data folder would put files nobody chose into the cache (and a DVC push)."""
+    root = make_image_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    outside = make_image_folder(tmp_path / "outside", {"x": 2})
+    (root / ".pool").mkdir()  # hidden: not a class, but inside the data folder
+    Image.new("RGB", (8, 8)).save(root / ".pool" / "p.png")
+    target = root
+    if case == "folder_link_outside":
+        (root / "cat" / "elsewhere").symlink_to(outside / "x")
+    elif case == "folder_link_outside_deeper":
+        (root / "cat" / "pool").symlink_to("../.pool")
+        (root / ".pool" / "away").symlink_to(outside / "x")
+    elif case == "file_link_outside":
+        (root / "dog" / "far.png").symlink_to(outside / "x" / "img000.png")
+    elif case == "links_inside_through_a_linked_root":
+        (root / "cat" / "pool").symlink_to(root / ".pool")  # absolute: inside only once the root is resolved
+        (root / "dog" / "near.png").symlink_to("../cat/img000.png")
+        target = tmp_path / "alias"
+        target.symlink_to(root)
+    else:
+        folder = os.fsencode(root / "cat") + b"/\xff"
+        os.mkdir(folder)
+        Image.new("RGB", (8, 8)).save(folder + b"/a.png")
+    source = scan_folder(target)
+    plain = [f"{c}/img{i:03d}.png" for c in ("cat", "dog") for i in range(2)]
+    assert [p for (p, _) in source.items] == sorted(plain + extra)
+    assert {s["path"]: s["reason"] for s in source.skipped} == skipped
+    prepare(source, tmp_path / "cache", config(test_fraction=0.25, val_fraction=0.25))  # and it prepares
 
 
 def test_names_with_line_breaks_read_back_as_written(tmp_path):

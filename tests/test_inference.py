@@ -73,6 +73,40 @@ def test_predict_cli_writes_the_csv(model_dir, images, tmp_path):
     assert len(table) == 4 and (table["error"] != "").sum() == 1
 
 
+@pytest.mark.parametrize("beside", ["its_config", "nothing", "another_format"])
+def test_predict_with_a_weights_file_uses_the_config_beside_it_or_says_it_has_none(model_dir, images, tmp_path,
+                                                                                    beside):
+    """Class folders 1..12 made index labels look like real (wrong) class names; and the normalisation."""
+    from mixer.preprocess import Preprocessing
+
+    model = load_model(model_dir)
+    model.preprocessing = Preprocessing(mean=(0.2, 0.3, 0.4), std=(0.1, 0.2, 0.3))  # not the default
+    save_model(model, tmp_path / "custom")
+    weights = tmp_path / "custom" / "model.safetensors"
+    if beside != "its_config":
+        (tmp_path / "bare").mkdir()
+        weights = tmp_path / "bare" / "model.safetensors"
+        weights.write_bytes((tmp_path / "custom" / "model.safetensors").read_bytes())
+        if beside == "another_format":  # a timm-style config.json: not this project's
+            (tmp_path / "bare" / "config.json").write_text('{"architecture": "mixer_b16_224", "num_classes": 6}')
+    runner = CliRunner()
+    tables = {}
+    for (name, spec) in (("dir", tmp_path / "custom"), ("file", weights)):
+        out = tmp_path / f"{name}.csv"
+        result = runner.invoke(app, ["predict", str(images), "--model", str(spec), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        tables[name] = pd.read_csv(tmp_path / f"{name}.csv", keep_default_na=False, dtype={"label_1": str})
+        note = "has no config.json of this project beside it: labels are class indices and the normalisation is " \
+               "the default (mean 0.5, std 0.5)"
+        assert (note in result.output) == (name == "file" and beside != "its_config"), result.output
+    if beside == "its_config":
+        pd.testing.assert_frame_equal(tables["file"], tables["dir"])
+    else:
+        assert set(tables["file"]["label_1"]) - {""} <= {str(i) for i in range(6)}
+        assert not np.allclose(tables["file"]["prob_1"].replace("", np.nan).astype(float),
+                               tables["dir"]["prob_1"].replace("", np.nan).astype(float), equal_nan=True)
+
+
 @pytest.fixture
 def many_images(tmp_path):
     """45 images with two unreadable files among them: more than the console lists."""

@@ -70,6 +70,27 @@ def logits_match(model_dir: Path, weights: dict) -> bool:
     return (ours - mixer_forward(x, weights, (4, 4), "exact")).abs().max().item() <= 2e-5
 
 
+def test_a_model_directorys_weights_file_loads_with_its_config(tmp_path):
+    """`checkpoint: output/model.safetensors` fine-tunes from the model itself: its classes, normalisation,
+    and an input size that a 2x4 patch grid (not square) could not give."""
+    from mixer.checkpoint import save_model, sha256_file
+    from mixer.model import create_model
+    from mixer.preprocess import Preprocessing
+    from mixer.pretrained import load_pretrained, pretrained_config
+
+    model = create_model(image_shape=(8, 16), patch_shape=(4, 4), depth=1, dim=8, num_classes=3)
+    model.class_names, model.preprocessing = ["ant", "bee", "cat"], Preprocessing(mean=MEAN, std=STD)
+    save_model(model, tmp_path / "m")
+    weights = str(tmp_path / "m" / "model.safetensors")
+    loaded = load_pretrained(weights)
+    assert (loaded.config, loaded.class_names, loaded.preprocessing) == (model.config, model.class_names,
+                                                                        model.preprocessing)
+    assert loaded.source == {"path": weights, "sha256": sha256_file(Path(weights))}
+    assert pretrained_config(weights) == model.config
+    for (k, v) in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
 def test_import_from_an_offline_hub_cache_takes_the_repos_config_and_records_its_source(hub, tmp_path):
     result = mixer(["import-weights", "hf-hub:someone/mixer-tiny", "out"], tmp_path, HF_HOME=str(hub))
     assert result.returncode == 0, result.stderr
