@@ -9,6 +9,7 @@ re-runs only the stages whose own params changed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mixer.errors import MixerError
@@ -28,6 +29,10 @@ def run(params_file: Path, overrides: dict) -> None:
         raise MixerError(f"{params_file}: data {p.data} is neither 'digits', a folder, nor a CSV file")
     for stage in (prepare, train, evaluate):  # what each stage will write: before DVC deletes anything
         stage.plan(p).verify()
+    if "DVC_STAGE" in os.environ and not Path(os.path.realpath(p.output_dir)).is_relative_to(os.path.realpath(".")):
+        raise MixerError(f"output_dir {shown(p.output_dir)} is outside the project, where DVC cannot track it (DVC 3 "
+                         "refuses outputs outside the repository, after training); choose a folder inside the "
+                         "project, or run `mixer train` without DVC")
     input_shape(p)  # reads the checkpoint, if any (fetching it once into the cache)
     train.check_memory(p)  # a batch that cannot fit stops here, not after DVC has deleted the model
     with writing("mixer check", Plan(targets=(Target(PARAMS_CHECKED, REPORT),))) as staging:

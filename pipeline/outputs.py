@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import fnmatch
 import hashlib
 import json
 import os
@@ -57,6 +58,7 @@ class Kind:
     entries: frozenset[str] = frozenset()
     recognise: Callable[[Path], bool] | None = None
     keep: frozenset[str] = frozenset({".gitignore"})
+    temporaries: str = ""  # a glob of leftovers its own writer removes (mixer.train_state.remove_temporaries)
 
     def owns(self, path: Path) -> str | None:
         """None when `path` (which exists) is an artifact of this kind; else what is there instead."""
@@ -68,7 +70,7 @@ class Kind:
             return f"a folder that cannot be read ({exc.strerror})"
         if not names:
             return None
-        foreign = [n for n in names if n not in self.entries | self.keep and not _staging_name(n, path)]
+        foreign = [n for n in names if n not in self.entries | self.keep and not fnmatch.fnmatch(n, self.temporaries)]
         if foreign:
             return f"a folder with files this command did not write (e.g. {foreign[0]!r})"
         if self.recognise is not None and not self.recognise(path):
@@ -104,19 +106,19 @@ def _is_predictions(path: Path) -> bool:
     except (OSError, UnicodeDecodeError):
         return False
     header = next(csv.reader([first]), [])
-    if header[:1] == ["path"] and header[-1:] == ["error"]:
+    if _prediction_columns(header):
         return True
     try:
         record = json.loads(first)
     except ValueError:
         return False
-    return isinstance(record, dict) and {"path", "error"} <= set(record)
+    return isinstance(record, dict) and _prediction_columns(list(record))
 
 
-def _staging_name(name: str, folder: Path) -> bool:
-    """What a killed write of ours left inside our folder: staging in a mount point, an atomic_write temporary."""
-    return name.startswith(f".{folder.name}.") and name.endswith(".partial") or \
-        name.startswith(".") and name.endswith(".tmp")
+def _prediction_columns(columns: list[str]) -> bool:
+    """path, label_1, prob_1, ..., label_k, prob_k, error: mixer.inference.prediction_columns, exactly."""
+    k = (len(columns) - 2) // 2
+    return k >= 1 and columns == ["path", *[c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")], "error"]
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:
@@ -168,7 +170,7 @@ PREPARED = Kind("prepared cache", True, frozenset({"images.npy", "manifest.csv",
 TRAIN_LOG = Kind("training log", True, frozenset({"metrics.json", "params.yaml", "plots", "report.html",
                                                   "report.md", "dvc.yaml"}))
 FIGURES = Kind("figures folder", True, frozenset({"confusion.png", "learning_curves.png", "mistakes.png"}))
-RUN = Kind("run checkpoint folder", True, frozenset({"last.pt", "best"}))
+RUN = Kind("run checkpoint folder", True, frozenset({"last.pt", "best"}), temporaries=".*.tmp")
 REPORT = Kind("report", False, recognise=_is_report)
 PREDICTIONS = Kind("predictions file", False, recognise=_is_predictions)
 ONNX = Kind("ONNX model", False, recognise=lambda p: _starts_with(p, b"\x08") and _is_model_dir(p.parent))
@@ -197,7 +199,8 @@ def project_places(extra: Iterable[Path] = ()) -> list[Path]:
 
     places = [Path(mixer.__file__).parent, Path(pipeline.__file__).parent, *extra]
     if Path("dvc.yaml").exists() or Path("params.yaml").exists():  # run in a project: its folders too
-        places += [PREPARED_DIR, REPORTS, CHECKPOINTS, Path("data"), Path(".git"), Path(".dvc")]
+        places += [PREPARED_DIR, REPORTS, CHECKPOINTS, Path("data"), Path(".git"), Path(".dvc"), Path("mixer"),
+                   Path("pipeline")]
     return [Path(os.path.abspath(p)) for p in places]
 
 
@@ -208,9 +211,24 @@ class Plan:
     targets: tuple[Target, ...]
     inputs: tuple[Path, ...] = ()
     places: tuple[Path, ...] | None = None  # None: project_places()
+    locks: tuple[Path, ...] = ()  # also locked, not written: the folder a target lies in (export's model)
+
+    def lock_paths(self) -> list[Path]:
+        """The real paths whose locks a writer of this plan holds: its targets', then `locks`."""
+        return list(dict.fromkeys(_real(p) for p in (*(t.path for t in self.targets), *self.locks)))
 
     def verify(self) -> None:
-        """Refuse, with one line, every target this command may not write (see the module docstring)."""
+        """Refuse, with one line, every target this command may not write (see the module docstring).
+
+        What killed writers left is removed first, where no writer is at work now, so it never counts
+        as someone else's file.
+        """
+        for path in self.lock_paths():
+            _tidy(path)
+        self.check()
+
+    def check(self) -> None:
+        """`verify` without the tidying: for a writer that holds the locks (and so has tidied)."""
         targets = list(self.targets)
         inputs = [_real(Path(i)) for i in self.inputs if os.path.lexists(i)]
         places = [_real(p) for p in (project_places() if self.places is None else self.places)]
@@ -338,11 +356,16 @@ def _read_record(path: Path) -> dict:
         return {}
 
 
-def _lock(target: Path, command: str) -> tuple[FileLock, Record]:
-    """The exclusive lock of one path (keyed by its absolute path), or an error naming its holder."""
+def _lock_files(target: Path) -> tuple[FileLock, Path]:
+    """The lock of one path (keyed by its absolute path) and its owner record's path."""
     folder = lock_folder()
     key = hashlib.sha256(os.fsencode(target)).hexdigest()[:20]
-    lock, owner = FileLock(folder / f"{key}.lock"), folder / f"{key}.owner"
+    return FileLock(folder / f"{key}.lock"), folder / f"{key}.owner"
+
+
+def _lock(target: Path, command: str) -> tuple[FileLock, Record]:
+    """The exclusive lock of one path, or an error naming its holder."""
+    lock, owner = _lock_files(target)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -356,6 +379,20 @@ def _lock(target: Path, command: str) -> tuple[FileLock, Record]:
     return lock, record
 
 
+def _tidy(target: Path) -> None:
+    """Recover `target` from a killed writer, if none is writing it now; its record then goes."""
+    lock, owner = _lock_files(target)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return  # at work: `writing` will say who
+    try:
+        _recover(target, _read_record(owner))
+        owner.unlink(missing_ok=True)
+    finally:
+        lock.release()
+
+
 def _recover(target: Path, previous: dict) -> None:
     """Undo what the killed previous writer of `target` listed: put back a folder caught mid-swap, drop staging.
 
@@ -366,9 +403,10 @@ def _recover(target: Path, previous: dict) -> None:
         return
     for name in reversed(previous.get("staged", [])):
         path = Path(name)
-        if path.parent not in (target.parent, target) or not path.name.startswith(f".{target.name}."):
-            continue
-        if path.name.startswith(f".{target.name}.old-") and path.exists() and not os.path.lexists(target):
+        if not path.name.startswith(".") or not (path.name.endswith(".partial") or ".old-" in path.name):
+            continue  # only what `Staging` and `_swap_folder` make is ever listed
+        if path.parent == target.parent and path.name.startswith(f".{target.name}.old-") and path.exists() \
+                and not os.path.lexists(target):
             os.rename(path, target)
         elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -397,7 +435,8 @@ class Staging:
         real = _real(target)  # write where a link points
         beside = real if folder and os.path.ismount(real) else real.parent  # a mount point cannot be renamed
         made = beside / f".{real.name}.{secrets.token_hex(4)}.partial"
-        self.records[real].add(made)
+        for record in {id(r): r for r in self.records.values()}.values():  # whichever lock comes next finds it
+            record.add(made)
         try:
             beside.mkdir(parents=True, exist_ok=True)
             if folder:
@@ -471,12 +510,10 @@ def writing(command: str, plan: Plan) -> Iterator[Staging]:
     held: list[FileLock] = []
     records: dict[Path, Record] = {}
     try:
-        for t in plan.targets:
-            real = _real(t.path)
-            if real not in records:
-                lock, records[real] = _lock(real, command)
-                held.append(lock)
-        plan.verify()
+        for real in plan.lock_paths():
+            lock, records[real] = _lock(real, command)
+            held.append(lock)
+        plan.check()
         staging = Staging(records)
         try:
             yield staging

@@ -227,6 +227,8 @@ class _Loader(yaml.SafeLoader):
 
 def read_yaml(path: Path) -> object:
     """A YAML file's content; a one-line error naming the file (and line) when it cannot be had."""
+    if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or a device would block or never end
+        raise MixerError(f"{path} is not a regular file; give a params file")
     try:
         text = path.read_bytes().decode("utf-8-sig")
         return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)

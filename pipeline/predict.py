@@ -37,16 +37,16 @@ def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None,
     if format not in FORMATS:
         raise MixerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     spec = model_spec or load_params(params_file).output_dir
+    images, skipped = list_images(paths)
     plan = Plan(targets=(Target(Path(out), PREDICTIONS, "--out"),) if out is not None else (),
-                inputs=(*paths, *(() if is_remote(spec) else (Path(spec),))))
-    plan.verify()  # before any work: --out is not an input, a device, or a file of the user's
+                inputs=(*paths, *images, *(() if is_remote(spec) else (Path(spec),))))
+    plan.verify()  # before any work: --out is not an image it reads, a device, or a file of the user's
     folder = Path(spec) if Path(spec).is_dir() else model_directory(spec)  # a folder, or its model.safetensors
     if folder is None and not is_remote(spec) and Path(spec).is_file():
         # bare weights: nothing says the class names or normalisation, and index labels look like real ones
         print(f"note: {shown(spec)} has no config.json of this project beside it: labels are class indices and "
               "the normalisation is the default (mean 0.5, std 0.5)", file=sys.stderr)
     model = (load_model(folder) if folder is not None else load_pretrained(spec)).eval()
-    images, skipped = list_images(paths)
     console = Console()
     listed: list[pd.DataFrame] = []  # the rows of a short run, for the table
     labels: collections.Counter = collections.Counter()

@@ -101,6 +101,40 @@ def test_a_bad_value_stops_dvc_repro_before_any_output_is_deleted(repo):
     assert "didn't change" in ok(["dvc", "repro"], repo)  # the previous results still stand
 
 
+def tree(root: Path) -> dict:
+    """Every file of the workspace and the DVC cache, with its bytes; of dvc.lock, what the stages after
+    `check` record (a `check` that passed the new params is recorded: DVC's own bookkeeping, as is the
+    params.yaml that `dvc exp run -S` leaves set)."""
+    skip = (".git/", ".dvc/tmp/", "params.yaml", "dvc.lock")
+    files = {k: v for (k, v) in snapshot(root).items() if not k.startswith(skip)}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    lock["stages"].pop("check")
+    return {**files, "dvc.lock": lock}
+
+
+@pytest.mark.parametrize("setting", ["output_dir=data", "output_dir=mixer", "output_dir=mixer/m", "output_dir=reports",
+                                     "output_dir=.", "output_dir=prepared", "output_dir=../outside",
+                                     "checkpoint=output", "batch_size=5000", "variant=S/16"])
+def test_dvc_exp_run_with_a_dangerous_value_changes_nothing(repo, setting):
+    """What DVC deletes before any command runs, and what only train can see, cost nothing the user had."""
+    (repo / "data" / "mine").mkdir()
+    (repo / "data" / "mine" / "untracked.png").write_bytes(b"nothing can bring this back")
+    ok(["dvc", "repro"], repo)
+    ok(["git", "add", "-A"], repo)
+    ok(["git", "commit", "-qm", "trained"], repo)
+    before = tree(repo)
+    result = run(["dvc", "exp", "run", "-S", setting], repo, tool_env())
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    cached = {k: v for (k, v) in before.items() if k.startswith(("output/", "prepared/"))}  # in DVC's cache
+    assert {k: v for (k, v) in tree(repo).items() if k not in cached} == \
+        {k: v for (k, v) in before.items() if k not in cached}
+    # a changed out path makes DVC take the old outs out of the workspace; its cache brings them back
+    ok(["git", "checkout", "--", "params.yaml"], repo)
+    ok(["dvc", "checkout"], repo)
+    assert tree(repo) == before
+
+
 def test_dvc_exp_run_set_param_as_written(repo):
     ok(["dvc", "exp", "run", "-S", "depth=3"], repo)
     table = pd.read_csv(io.StringIO(run(["dvc", "exp", "show", "--csv"], repo, tool_env()).stdout), dtype=str)

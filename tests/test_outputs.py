@@ -102,7 +102,8 @@ CHOSEN = [c for (c, (_, fixed, _)) in COMMANDS.items() if fixed is None]  # the 
 # The kinds of target, made by `make`; the last group only where the user names the path.
 KINDS = ["missing", "empty folder", "own artifact", "user's folder", "user's file", "input", "device", "FIFO",
          "socket", "link to user's file", "broken link", "project root", "ancestor", "data", "prepared",
-         "checkpoints", "reports", "package source", "user's leftover beside"]
+         "checkpoints", "reports", "package source", "user's leftover beside", "own artifact with a user's file",
+         "user's file made to look ours"]
 ONLY_CHOSEN = {"project root", "ancestor", "data", "prepared", "checkpoints", "reports", "package source"}
 
 
@@ -119,7 +120,7 @@ def command_args(command: str, target: str, run: int = 0) -> list[str]:
 CHOSEN_PATHS = {"project root": ".", "ancestor": "..", "data": "data/model", "prepared": "prepared",
                 "checkpoints": "checkpoints/x", "reports": "reports/train", "package source": str(ROOT / "mixer")}
 # What makes a target one of the command's inputs: the target to give, and options to add.
-INPUTS = {"train": ("images", []), "import-weights": ("w.safetensors", []), "predict": ("images/a/img000.png", []),
+INPUTS = {"train": ("output", ["--checkpoint", "output"]), "import-weights": ("w.safetensors", []), "predict": ("images/a/img000.png", []),
           "prepare": ("prepared", ["--data", "prepared"]),
           "evaluate-figures": ("reports/figures", ["--output-dir", "reports/figures"])}
 
@@ -142,11 +143,22 @@ def make(kind: str, command: str, project: Path) -> tuple[str, list[str], bool]:
         if command not in INPUTS:
             pytest.skip(f"no input of {command} can be where it writes")
         return (*INPUTS[command], False)
-    if kind == "own artifact":
+    if kind.startswith("own artifact"):
         if fixed is None or not path.exists():  # made by running the command once
             code, output = invoke(command_args(command, target, run=1))
             assert code == 0, output
-        return target, [], True
+        if kind == "own artifact":
+            return target, [], True
+        if not folder:
+            pytest.skip("a file holds no other file")
+        (path / ".notes.tmp").write_text("named like a temporary, but a user's")  # hidden, and ours by no record
+        (path / f".{path.name}.mine.partial").mkdir()
+        return target, [], False
+    if kind == "user's file made to look ours":
+        if command != "predict":
+            pytest.skip("only predictions files are recognised by a header a user could copy")
+        path.write_text("path,notes,error\nmy,important,data\n")
+        return target, [], False
     remove(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "missing":
@@ -203,7 +215,16 @@ def test_a_command_replaces_only_what_it_made(project, command, kind):
         return
     assert code == 2, output
     assert output.startswith("error: ") and len(output.strip().splitlines()) == 1, output
+    assert WHY.get(kind, "") in output, output
     assert snapshot(project.parent) == before, "a refused command changed files"
+
+
+# What the one line says, by kind of target (each a different rule of pipeline/outputs.py).
+WHY = {"device": "is a character device", "FIFO": "is a FIFO", "socket": "is a socket",
+       "broken link": "is a link to nothing", "input": "an input of this command",
+       "project root": "is the project folder", "ancestor": "a folder that holds the project",
+       **{k: "one of the project's own folders" for k in ("data", "prepared", "checkpoints", "reports",
+                                                          "package source")}}
 
 
 def test_every_writing_command_is_in_the_table():
@@ -420,3 +441,101 @@ def test_an_owner_record_that_is_a_link_is_replaced_not_followed(tmp_path, monke
     with writing("test", Plan((Target(target, PREDICTIONS),), places=())):
         pass
     assert victim.read_text() == "precious" and not (folder / f"{key}.owner").is_symlink()
+
+
+def test_a_checkpoint_inside_the_runs_own_folder_is_refused(project):
+    """The run overwrites checkpoints/<output_dir>: after a kill it would start from other weights."""
+    best = project / "checkpoints" / "output" / "best"
+    assert (best / "model.safetensors").is_file()
+    before = snapshot(project.parent)
+    for checkpoint in (str(best), "output", str(project / "output")):
+        code, output = invoke(["train", *TINY, "--checkpoint", checkpoint])
+        assert code == 2 and "an input of this command" in output, output
+    assert snapshot(project.parent) == before
+
+
+# ---- a property: whatever path a user gives, nothing the project did not make changes -------------
+
+PARTS = ["..", ".", "data", "mixer", "reports", "prepared", "checkpoints", "output", "notes.txt", "images", "a",
+         "new", "link", "w.safetensors", "x.csv", "reports/train", "/"]
+MADE = ("prepared/", "output/", "reports/", "checkpoints/")  # the project's own artifacts (DVC's and git's)
+
+
+def user_files(root: Path) -> dict:
+    return {k: v for (k, v) in snapshot(root).items() if not os.path.relpath(k, root / "p").startswith(MADE)}
+
+
+def test_for_any_output_path_nothing_the_project_did_not_make_changes(template, tmp_path_factory, monkeypatch):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    outcomes = []
+    monkeypatch.setenv("MIXER_LOCKS", str(tmp_path_factory.mktemp("locks")))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(command=st.sampled_from(["predict", "import-weights", "check"]),
+           parts=st.lists(st.sampled_from(PARTS), min_size=1, max_size=3), absolute=st.booleans())
+    def one(command, parts, absolute):
+        root = tmp_path_factory.mktemp("case")
+        project = root / "p"
+        shutil.copytree(template, project, symlinks=True)
+        (project / "link").symlink_to("images")
+        path = "/".join(parts).replace("//", "/")
+        target = str(project / path) if absolute and not path.startswith("/") else path
+        args = {"predict": ["predict", "images/a", "--model", "output", "--out", target],
+                "import-weights": ["import-weights", "w.safetensors", target, "--force"],
+                "check": ["check", "--output-dir", target]}[command]
+        before = user_files(root)
+        cwd = os.getcwd()
+        os.chdir(project)
+        try:
+            code, output = invoke(args)
+        finally:
+            os.chdir(cwd)
+        assert code in (0, 2), output
+        if code == 2:
+            assert output.startswith("error: ") and len(output.strip().splitlines()) == 1, output
+        after = user_files(root)
+        assert {k: v for (k, v) in after.items() if k in before} == before, (args, output)
+        outcomes.append(code)
+
+    one()
+    assert 0 in outcomes and 2 in outcomes, outcomes  # a rule that refused (or allowed) everything proves nothing
+
+
+def test_a_killed_export_neither_blocks_nor_is_blocked_by_training(project):
+    """export stages model.onnx inside the model folder and locks that folder: the next train removes the leftover."""
+    script = f"""
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from pipeline.outputs import ONNX, Plan, Target, writing
+with writing("mixer export", Plan((Target(Path("output/model.onnx"), ONNX, "--model"),), locks=(Path("output"),))) as s:
+    s.file(Path("output/model.onnx")).write_bytes(b"half")
+    os.kill(os.getpid(), 9)
+"""
+    assert subprocess.run([sys.executable, "-c", script], cwd=project).returncode == -signal.SIGKILL
+    assert [p.name for p in (project / "output").glob(".model.onnx.*.partial")]
+    code, output = invoke(["train", *TINY, "--seed", "3"])
+    assert code == 0, output
+    assert sorted(os.listdir(project / "output")) == ["config.json", "model.safetensors"]
+
+
+def test_export_is_one_of_the_writers_of_the_model_folder(project):
+    with writing("mixer export", Plan((Target(project / "output" / "model.onnx", REPORT),),
+                                      locks=(project / "output",), places=())):
+        code, output = invoke(["train", *TINY])
+    assert code == 2 and "being written by another mixer export" in output, output
+
+
+def test_export_next_to_a_model_in_a_project_folder_is_refused(project):
+    shutil.copytree(project / "output", project / "data" / "m")
+    before = snapshot(project.parent)
+    code, output = invoke(["export", "--model", "data/m"])
+    assert code == 2 and "one of the project's own folders" in output, output
+    assert snapshot(project.parent) == before
+
+
+def test_a_params_file_that_is_a_fifo_is_one_line_not_a_hang(project):
+    os.mkfifo(project / "params.fifo")
+    code, output = invoke(["check", "--params", "params.fifo"])
+    assert code == 2 and "is not a regular file" in output, output
