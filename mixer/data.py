@@ -97,16 +97,20 @@ def scan_folder(root: Path) -> Source:
     if not root.is_dir():
         raise MixerError(f"data {root} is neither a folder nor a CSV file")
     classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _stat_is_dir(e.path))
+    inside = root.resolve()
     for name in classes:
         if not _is_utf8(name):
             raise MixerError(f"class folder {printable(root / name)} has a name that is not UTF-8; rename it")
+        if not (root / name).resolve().is_relative_to(inside):  # DVC tracks the folder, not what a link reaches
+            raise MixerError(f"class folder {printable(root / name)} is a link out of the data folder; copy the "
+                             "images into it instead")
     if not classes:
         raise MixerError(f"data folder {root} has no class sub-folders")
     items: list[tuple[str, str]] = []
     skipped: list[dict] = []
     seen = {_identity(root)}
     for name in classes:
-        _walk(root, root / name, name, seen, items, skipped, inside=root.resolve())
+        _walk(root, root / name, name, seen, items, skipped, inside=inside)
     return Source(root, sorted(items), classes, skipped)
 
 
@@ -176,14 +180,15 @@ def _walk(root: Path, folder: Path, label: str, seen: set, items: list, skipped:
         elif not _is_utf8(entry.name):
             skipped.append({"path": printable(rel), "reason": "file name is not UTF-8"})
         elif not stat.S_ISREG(mode):
-            skipped.append({"path": printable(rel), "reason": f"not a regular file ({_kind(mode)})"})
+            skipped.append({"path": printable(rel), "reason": f"not a regular file ({file_kind(mode)})"})
         elif outside:
             skipped.append({"path": printable(rel), "reason": "link to a file outside the data folder; not read"})
         else:
             items.append((rel.as_posix(), label))
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a path that is neither a folder nor a regular file is, in words (from its st_mode)."""
     for (test, name) in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
                          (stat.S_ISBLK, "block device")):
         if test(mode):
@@ -240,7 +245,7 @@ def read_csv(csv: Path) -> Source:
             missing.append(path)
             continue
         if not stat.S_ISREG(mode):
-            special.append(f"{path!r} ({_kind(mode) if not stat.S_ISDIR(mode) else 'folder'})")
+            special.append(f"{path!r} ({file_kind(mode) if not stat.S_ISDIR(mode) else 'folder'})")
             continue
         label_of[key] = label
     if missing:
@@ -311,7 +316,7 @@ def decode(path: Path, shape: tuple[int, int], policy: str = "stretch") -> tuple
     with os.fdopen(fd, "rb") as file:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise ValueError(f"not a regular file ({_kind(mode) if not stat.S_ISDIR(mode) else 'folder'})")
+            raise ValueError(f"not a regular file ({file_kind(mode) if not stat.S_ISDIR(mode) else 'folder'})")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:

@@ -1,10 +1,9 @@
-"""Stage `check`: every params key, and the paths the params name, before any other stage runs.
+"""Stage `check`: every params key, the paths the params name, and what each stage will write.
 
-DVC removes a stage's outputs before running its command, so a bad value found by `train` itself
-would come too late: the previous model and learning curves would already be gone. Every stage
-depends on this one's output, whose content never changes: when params.yaml changes, this stage
-runs first, and stops `dvc repro` with one line if something is wrong; when it passes, DVC still
-re-runs only the stages whose own params changed.
+Every stage depends on this one's output, whose content never changes: when params.yaml changes,
+this stage runs first and stops `dvc repro` with one line if something is wrong, before any stage
+has run (the outs are `persist: true`, so a stage that still fails keeps its previous outputs);
+when it passes, DVC still re-runs only the stages whose own params changed.
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ from typing import Callable, Iterable, Iterator
 
 from filelock import FileLock, Timeout
 
+from mixer.data import file_kind
 from mixer.errors import MixerError
+from mixer.text import decoded
 
 RECORD_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
@@ -68,7 +70,7 @@ class Kind:
             names = sorted(os.listdir(path))
         except OSError as exc:
             return f"a folder that cannot be read ({exc.strerror})"
-        if not names:
+        if all(n in self.keep for n in names):  # empty, but for DVC's .gitignore
             return None
         foreign = [n for n in names if n not in self.entries | self.keep and not fnmatch.fnmatch(n, self.temporaries)]
         if foreign:
@@ -165,8 +167,8 @@ def _is_report(path: Path) -> bool:
 
 MODEL = Kind("model directory", True, frozenset({"config.json", "model.safetensors", "model.onnx"}), _is_model_dir)
 PREPARED = Kind("prepared cache", True, frozenset({"images.npy", "manifest.csv", "prepared.json"}),
-                lambda p: not os.path.lexists(p / "prepared.json") or _has_keys(p / "prepared.json",
-                                                                                 {"classes", "data_hash"}))
+                lambda p: not os.path.lexists(p / "prepared.json") or (p / "prepared.json").is_file()
+                and _has_keys(p / "prepared.json", {"classes", "data_hash"}))
 TRAIN_LOG = Kind("training log", True, frozenset({"metrics.json", "params.yaml", "plots", "report.html",
                                                   "report.md", "dvc.yaml"}))
 FIGURES = Kind("figures folder", True, frozenset({"confusion.png", "learning_curves.png", "mistakes.png"}))
@@ -212,6 +214,11 @@ class Plan:
     inputs: tuple[Path, ...] = ()
     places: tuple[Path, ...] | None = None  # None: project_places()
     locks: tuple[Path, ...] = ()  # also locked, not written: the folder a target lies in (export's model)
+
+    def __post_init__(self):
+        for path in (*(t.path for t in self.targets), *self.inputs, *self.locks):
+            if "\0" in os.fspath(path):  # no system call takes one: refused here, not as a ValueError later
+                raise MixerError(f"{decoded(path)!r} holds a NUL byte, which no path can hold")
 
     def lock_paths(self) -> list[Path]:
         """The real paths whose locks a writer of this plan holds: its targets', then `locks`."""
@@ -272,7 +279,7 @@ def _check_target(t: Target) -> None:
         path = _real(path)
     mode = st.st_mode
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-        raise MixerError(f"{t} is a {_special(mode)}; give the path of a new {'folder' if t.kind.folder else 'file'}")
+        raise MixerError(f"{t} is a {file_kind(mode)}; give the path of a new {'folder' if t.kind.folder else 'file'}")
     if t.kind.folder and not stat.S_ISDIR(mode):
         raise MixerError(f"{t} exists and is not a folder; move it away or choose another path")
     if not t.kind.folder and stat.S_ISDIR(mode):
@@ -281,14 +288,6 @@ def _check_target(t: Target) -> None:
     if problem is not None:
         raise MixerError(f"{t} is {problem}; move it away or choose another path (a command replaces only "
                          f"a {t.kind.name} it wrote)")
-
-
-def _special(mode: int) -> str:
-    for (test, name) in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                         (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
 
 
 def _real(path: Path) -> Path:
@@ -302,14 +301,17 @@ def _shown(target: Path | str) -> str:
         shown = str(target.relative_to(Path.cwd())) or "."
     except ValueError:
         shown = str(target)
-    return os.fsencode(shown).decode("utf-8", "backslashreplace")
+    return decoded(shown)
 
 
 # ---- locks and their owner records ---------------------------------------------------------------
 
 def lock_folder() -> Path:
     """The user's own lock folder ($MIXER_LOCKS, else ~/.cache/mixer/locks), created 0700 and checked."""
-    folder = Path(os.environ.get("MIXER_LOCKS") or Path.home() / ".cache" / "mixer" / "locks")
+    try:
+        folder = Path(os.environ.get("MIXER_LOCKS") or Path.home() / ".cache" / "mixer" / "locks")
+    except (RuntimeError, KeyError):  # no home directory (an unknown uid in a container)
+        raise MixerError("no home directory for the lock folder; set MIXER_LOCKS to a folder of your own") from None
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(folder)
@@ -336,14 +338,20 @@ class Record:
         self.write()
 
     def write(self) -> None:
-        """Replace the record: unlinked first (a link there is removed, never followed), then created anew."""
+        """Replace the record at once: written beside, renamed over (a link there is replaced, never followed)."""
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            os.unlink(self.path)
+            os.unlink(tmp)
         except FileNotFoundError:
             pass
-        fd = os.open(self.path, RECORD_FLAGS, 0o600)
+        fd = os.open(tmp, RECORD_FLAGS, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(self.data, f)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        """The writer finished: nothing of its is left to clean up."""
+        self.path.unlink(missing_ok=True)
 
 
 def _read_record(path: Path) -> dict:
@@ -373,9 +381,13 @@ def _lock(target: Path, command: str) -> tuple[FileLock, Record]:
         holder = f"another {who['command']} (pid {who['pid']})" if {"command", "pid"} <= set(who) else \
             "another mixer command"
         raise MixerError(f"{_shown(target)} is being written by {holder}; wait for it to finish or stop it") from None
-    _recover(target, _read_record(owner))
-    record = Record(owner, command, target)
-    record.write()
+    try:
+        _recover(target, _read_record(owner))
+        record = Record(owner, command, target)
+        record.write()
+    except OSError as exc:
+        lock.release()
+        raise MixerError(f"cannot prepare to write {_shown(target)}: {exc.strerror}") from None
     return lock, record
 
 
@@ -396,8 +408,9 @@ def _tidy(target: Path) -> None:
 def _recover(target: Path, previous: dict) -> None:
     """Undo what the killed previous writer of `target` listed: put back a folder caught mid-swap, drop staging.
 
-    Only listed paths named like staging paths of this target are touched; the record lives in the
-    user's private lock folder, so nobody else can make us delete something.
+    Only listed paths named like what `Staging` and `_swap_folder` make are touched (a command lists its
+    staging paths in the record of every lock it holds); the record lives in the user's private lock
+    folder, so nobody else can make us delete something.
     """
     if previous.get("target") != str(target):
         return
@@ -420,8 +433,10 @@ def _recover(target: Path, previous: dict) -> None:
 class Staging:
     """New contents for the targets, moved over them by `commit`."""
 
-    records: dict[Path, Record]  # by the target's real path
+    records: dict[Path, Record]  # by the locked path's real path
+    kinds: dict[Path, Kind]  # by the target's real path
     staged: list[tuple[Path, Path]] = field(default_factory=list)  # (staging path, real target)
+    swapping: bool = False  # inside `commit`: if it stops there, the record must stay for the next writer
 
     def dir(self, target: Path) -> Path:
         """An empty folder that becomes `target` (a folder) at the end."""
@@ -435,7 +450,7 @@ class Staging:
         real = _real(target)  # write where a link points
         beside = real if folder and os.path.ismount(real) else real.parent  # a mount point cannot be renamed
         made = beside / f".{real.name}.{secrets.token_hex(4)}.partial"
-        for record in {id(r): r for r in self.records.values()}.values():  # whichever lock comes next finds it
+        for record in self.records.values():  # whichever of these locks the next writer takes, it finds them
             record.add(made)
         try:
             beside.mkdir(parents=True, exist_ok=True)
@@ -449,12 +464,14 @@ class Staging:
         return made
 
     def commit(self) -> None:
+        self.swapping = True
         for (new, target) in self.staged:
             if new.is_dir():
-                _swap_folder(new, target, self.records[target])
+                _swap_folder(new, target, self.kinds[target], self.records[target])
             else:
                 os.replace(new, target)
         self.staged = []
+        self.swapping = False
 
     def target_of(self, path: str | Path) -> str:
         """A path inside a staging path, shown as the path it will have in its target."""
@@ -473,14 +490,22 @@ class Staging:
         self.staged = []
 
 
-def _swap_folder(new: Path, target: Path, record: Record) -> None:
-    for name in (".gitignore",):  # what others keep in our folder stays
+def _swap_folder(new: Path, target: Path, kind: Kind, record: Record) -> None:
+    """Put the staged folder `new` in place of `target`, keeping `kind.keep` (what others keep in our folder).
+
+    Ownership is checked again on what is swapped out: a file someone put in the folder while the
+    command ran makes it stop, with the folder as it was.
+    """
+    for name in kind.keep:
         if (target / name).is_file() and not (new / name).exists():
             shutil.copy2(target / name, new / name)
     if new.parent == target:  # a mount point: empty it of our old entries, move the new ones in
+        theirs = [n for n in os.listdir(target) if n not in kind.entries | kind.keep and target / n != new]
+        if theirs:
+            raise MixerError(f"{_shown(target)} gained {theirs[0]!r} while this command ran; move it away and run again")
         for entry in os.listdir(target):
             path = target / entry
-            if path != new and entry != ".gitignore":
+            if entry in kind.entries:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         for entry in os.listdir(new):
             os.replace(new / entry, target / entry)
@@ -489,9 +514,13 @@ def _swap_folder(new: Path, target: Path, record: Record) -> None:
     if not target.exists():
         os.rename(new, target)
         return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
     record.add(old)
     os.rename(target, old)
+    problem = kind.owns(old)
+    if problem is not None:
+        os.rename(old, target)
+        raise MixerError(f"{_shown(target)} became {problem} while this command ran; move it away and run again")
     os.rename(new, target)
     shutil.rmtree(old)
 
@@ -509,12 +538,13 @@ def writing(command: str, plan: Plan) -> Iterator[Staging]:
     """
     held: list[FileLock] = []
     records: dict[Path, Record] = {}
+    staging = None
     try:
         for real in plan.lock_paths():
             lock, records[real] = _lock(real, command)
             held.append(lock)
         plan.check()
-        staging = Staging(records)
+        staging = Staging(records, {_real(t.path): t.kind for t in plan.targets})
         try:
             yield staging
             staging.commit()
@@ -527,5 +557,7 @@ def writing(command: str, plan: Plan) -> Iterator[Staging]:
         finally:
             staging.discard()
     finally:
-        for lock in reversed(held):
+        for (lock, record) in reversed(list(zip(held, records.values()))):
+            if staging is None or not staging.swapping:  # else what `_recover` needs stays listed
+                record.clear()
             lock.release()

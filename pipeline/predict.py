@@ -38,9 +38,10 @@ def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None,
         raise MixerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     spec = model_spec or load_params(params_file).output_dir
     images, skipped = list_images(paths)
-    plan = Plan(targets=(Target(Path(out), PREDICTIONS, "--out"),) if out is not None else (),
-                inputs=(*paths, *images, *(() if is_remote(spec) else (Path(spec),))))
-    plan.verify()  # before any work: --out is not an image it reads, a device, or a file of the user's
+    if out is not None:  # before any work: --out is not an image it reads, a device, or a file of the user's
+        plan = Plan(targets=(Target(Path(out), PREDICTIONS, "--out"),),
+                    inputs=(*paths, *images, *(() if is_remote(spec) else (Path(spec),))))
+        plan.verify()
     folder = Path(spec) if Path(spec).is_dir() else model_directory(spec)  # a folder, or its model.safetensors
     if folder is None and not is_remote(spec) and Path(spec).is_file():
         # bare weights: nothing says the class names or normalisation, and index labels look like real ones

@@ -1,8 +1,8 @@
 """Stage `train`: prepared/ → output_dir/ (the model) and reports/train/ (dvclive's curves).
 
-The run's checkpoints live in checkpoints/<output_dir>/, which DVC does not own: DVC deletes a
-stage's outputs before running it, so only there do they survive a kill, and `dvc repro` (or the
-same `mixer train`) continues the run. Both outputs are replaced only when training succeeds.
+The run's checkpoints live in checkpoints/<output_dir>/, which DVC does not own (DVC deletes or
+checks out a stage's outputs when its params change), so there they survive a kill, and `dvc repro`
+(or the same `mixer train`) continues the run. Both outputs are replaced only when training succeeds.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def writable_folder(path: Path) -> None:
     """Create `path` and prove a file can be written there, before any training."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
+        probe = path / f".write-test-{os.getpid()}.tmp"  # a temporary the run folder's kind allows
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -238,7 +238,9 @@ def writable_folder(path: Path) -> None:
 
 def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | None, bar: bool | None) -> dict:
     p = load_params(params_file, overrides)
-    plan(p).verify()  # before any work: the outputs are ones this command may replace
+    main = os.environ.get("RANK", "0") == "0"
+    if main:  # before any work: the outputs are ones this command may replace
+        plan(p).verify()
     prepared = open_prepared(PREPARED)
     pretrained = load_pretrained(p.checkpoint) if p.checkpoint is not None else None  # loaded once
     image_shape = input_shape(p, pretrained.config if pretrained is not None else None)
@@ -251,7 +253,6 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     config = train_config(p)
     steps_per_epoch(len(train_split), config, int(os.environ.get("WORLD_SIZE", "1")))  # before touching any file
     folder = run_dir(p.output_dir)
-    main = os.environ.get("RANK", "0") == "0"
     outputs = writing("mixer train", plan(p)) if main else nullcontext()
     with outputs as staging, stop_on_signals() as stop:
         reporter = None

@@ -539,3 +539,49 @@ def test_a_params_file_that_is_a_fifo_is_one_line_not_a_hang(project):
     os.mkfifo(project / "params.fifo")
     code, output = invoke(["check", "--params", "params.fifo"])
     assert code == 2 and "is not a regular file" in output, output
+
+
+@pytest.mark.parametrize("args", [["check", "--output-dir", "a\0b"], ["check", "--checkpoint", "w\0.safetensors"]])
+def test_a_nul_byte_in_a_path_is_one_line(project, args):
+    code, output = invoke(args)
+    assert code == 2 and "holds a NUL byte" in output, output
+
+
+def test_a_finished_writer_leaves_no_record_that_could_delete_a_users_folder_later(project):
+    """A record is the list of what to clean up after a kill: a writer that finished clears it."""
+    assert invoke(["evaluate"])[0] == 0
+    locks = Path(os.environ["MIXER_LOCKS"])
+    assert not list(locks.glob("*.owner"))
+    (project / "reports" / ".figures.old-1234").mkdir()  # a user's, named as a swap would name it
+    assert invoke(["check"])[0] == 0
+    assert (project / "reports" / ".figures.old-1234").is_dir()
+
+
+def test_a_folder_that_gains_a_users_file_while_the_command_runs_is_not_replaced(project, monkeypatch):
+    import pipeline.evaluate as evaluate
+
+    real = evaluate.write_figures
+
+    def and_meanwhile(*args, **kwargs):
+        real(*args, **kwargs)
+        (project / "reports" / "figures" / "poster.png").write_bytes(b"made while evaluate ran")
+
+    monkeypatch.setattr(evaluate, "write_figures", and_meanwhile)
+    code, output = invoke(["evaluate"])
+    assert code == 2 and "gained" not in output and "poster.png" in output, output
+    assert (project / "reports" / "figures" / "poster.png").read_bytes() == b"made while evaluate ran"
+
+
+def test_a_model_folder_holding_only_dvcs_gitignore_counts_as_empty(project):
+    (project / "models" / "b").mkdir(parents=True)
+    (project / "models" / "b" / ".gitignore").write_text("/model.safetensors\n/config.json\n")
+    code, output = invoke(["train", *TINY, "--output-dir", "models/b"])
+    assert code == 0, output
+    assert (project / "models" / "b" / ".gitignore").read_text() == "/model.safetensors\n/config.json\n"
+
+
+def test_a_class_folder_linked_from_outside_the_data_folder_is_refused(project, tmp_path):
+    make_image_folder(tmp_path / "elsewhere", {"secret": 3}, size=(8, 8))
+    (project / "images" / "secret").symlink_to(tmp_path / "elsewhere" / "secret")
+    code, output = invoke(["prepare", "--workers", "1"])
+    assert code == 2 and "is a link out of the data folder" in output, output
