@@ -13,10 +13,10 @@ from pipeline.params import load_params
 
 def run(model_dir: Path | None, params_file: Path) -> None:
     directory = Path(model_dir or load_params(params_file).output_dir)
-    model = load_model(directory)
     target = directory / "model.onnx"
     named = "--model" if model_dir else "output_dir"
     plan = Plan(targets=(Target(target, ONNX, named),), locks=(directory,))  # train writes that folder too
     with writing("mixer export", plan) as staging:
+        model = load_model(directory)  # under the lock: the ONNX file is of the weights beside it
         difference = export_onnx(model, staging.file(target))
     print(f"wrote {shown(target)} (dynamic batch); max |ONNX - PyTorch| = {difference:.2e}")

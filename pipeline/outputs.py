@@ -104,7 +104,7 @@ def _is_predictions(path: Path) -> bool:
         return False
     try:
         with open(path, "rb") as f:
-            first = f.readline(1 << 16).decode("utf-8")
+            first = f.readline(1 << 22).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return False
     header = next(csv.reader([first]), [])
@@ -144,7 +144,7 @@ def _csv_header(*columns: str) -> Callable[[Path], bool]:
             return False
         try:
             with open(path, encoding="utf-8") as f:
-                return next(csv.reader([f.readline(1 << 16)]), [])[:len(columns)] == list(columns)
+                return next(csv.reader([f.readline(1 << 22)]), [])[:len(columns)] == list(columns)
         except (OSError, UnicodeDecodeError):
             return False
     return recognise
