@@ -106,6 +106,9 @@ def test_the_estimate_is_the_peak_of_the_tensors_a_training_step_holds(side, pat
 def measured_peak_rss(side: int, patch: int, depth: int, dim: int, batch: int) -> int:
     """Peak resident memory growth of two training steps, in a forked child (no second torch import).
 
+    The peak is reset (clear_refs 5) once the child is warm: ru_maxrss would count the peak the child
+    inherited from a long-running pytest worker, which made this measure depend on the tests before it.
+
     The child first warms up on a tiny model, so the library code its first ops page in is not
     counted, and hands freed heap back (malloc_trim), so the parent's free memory is not reused unseen.
     It runs with the CLI's allocator settings (pipeline.allocator), as training does.
@@ -123,8 +126,12 @@ def measured_peak_rss(side: int, patch: int, depth: int, dim: int, batch: int) -
             ctypes.CDLL(None).malloc_trim(0)
             with open("/proc/self/statm") as f:
                 before = int(f.read().split()[1]) * resource.getpagesize()
+            with open("/proc/self/clear_refs", "w") as f:  # the peak so far (the forked parent's pages) is not ours
+                f.write("5")
             train_steps(one_config(side, patch, depth, dim), batch)
-            os.write(write, str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before).encode())
+            with open("/proc/self/status") as f:
+                peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+            os.write(write, str(peak - before).encode())
             code = 0
         finally:
             os._exit(code)
