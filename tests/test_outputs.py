@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, make_image_folder, write_params
 from mixer.errors import MixerError
 from pipeline.cli import app
-from pipeline.outputs import FIGURES, MODEL, PREDICTIONS, REPORT, Plan, Target, writing
+from pipeline.outputs import FIGURES, MODEL, PREDICTIONS, PREPARED, REPORT, Plan, Target, writing
 
 TINY = ["--depth", "1", "--dim", "16", "--batch-size", "8", "--warmup-step", "0", "--num-steps", "1",
         "--no-progress"]
@@ -290,15 +290,20 @@ def hold(tmp_path: Path, target: Path, crash: bool = False) -> tuple[subprocess.
 
 
 def prepared_plan(target: Path) -> Plan:
-    from pipeline.outputs import PREPARED
     return Plan((Target(target, PREPARED),))
 
 
-def test_a_second_writer_stops_at_once_and_names_the_first(tmp_path, monkeypatch):
+@pytest.fixture
+def here(tmp_path, monkeypatch) -> Path:
+    """tmp_path as the working directory, with a lock folder of its own."""
     monkeypatch.setenv("MIXER_LOCKS", str(tmp_path / "locks"))
     monkeypatch.chdir(tmp_path)
-    target = tmp_path / "prepared"
-    holder, release = hold(tmp_path, target)
+    return tmp_path
+
+
+def test_a_second_writer_stops_at_once_and_names_the_first(here):
+    target = here / "prepared"
+    holder, release = hold(here, target)
     try:
         with pytest.raises(MixerError) as caught:
             with writing("mixer prepare", prepared_plan(target)):
@@ -312,33 +317,29 @@ def test_a_second_writer_stops_at_once_and_names_the_first(tmp_path, monkeypatch
         pass
 
 
-def test_a_killed_writer_leaves_the_target_whole_and_the_next_removes_only_what_it_listed(tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXER_LOCKS", str(tmp_path / "locks"))
-    monkeypatch.chdir(tmp_path)
-    target = tmp_path / "prepared"
+def test_a_killed_writer_leaves_the_target_whole_and_the_next_removes_only_what_it_listed(here):
+    target = here / "prepared"
     target.mkdir()
     (target / "images.npy").write_text("old")
-    (tmp_path / ".prepared.old-2024").mkdir()  # a user's backup, named like a leftover
-    (tmp_path / ".prepared.mine.partial").write_text("a user's")
-    holder, release = hold(tmp_path, target, crash=True)
+    (here / ".prepared.old-2024").mkdir()  # a user's backup, named like a leftover
+    (here / ".prepared.mine.partial").write_text("a user's")
+    holder, release = hold(here, target, crash=True)
     release.write_text("")
     assert holder.wait(timeout=20) == -signal.SIGKILL
     assert (target / "images.npy").read_text() == "old"  # untouched by the killed writer
-    left = sorted(p.name for p in tmp_path.glob(".prepared.*"))
+    left = sorted(p.name for p in here.glob(".prepared.*"))
     assert len(left) == 3, left  # the killed writer's staging folder, and the user's two
     with writing("mixer prepare", prepared_plan(target)) as staging:
         (staging.dir(target) / "images.npy").write_text("new")
     assert (target / "images.npy").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.glob(".prepared.*")) == [".prepared.mine.partial", ".prepared.old-2024"]
+    assert sorted(p.name for p in here.glob(".prepared.*")) == [".prepared.mine.partial", ".prepared.old-2024"]
 
 
-def test_a_folder_caught_mid_swap_is_put_back(tmp_path, monkeypatch):
+def test_a_folder_caught_mid_swap_is_put_back(here, monkeypatch):
     """Killed between its two renames, the target is missing; the next writer renames the old one back."""
     import pipeline.outputs as outputs
 
-    monkeypatch.setenv("MIXER_LOCKS", str(tmp_path / "locks"))
-    monkeypatch.chdir(tmp_path)
-    target = tmp_path / "prepared"
+    target = here / "prepared"
     target.mkdir()
     (target / "images.npy").write_text("previous")
     rename = os.rename
