@@ -95,8 +95,15 @@ def predict_batches(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_si
         torch.set_num_threads(threads)
 
 
+ONNX_FILE = "model.onnx"  # what `mixer export` writes beside a model's weights
+
+
 def prediction_columns(model: MlpMixer, top_k: int) -> list[str]:
-    k = min(top_k, len(model.class_names))
+    return columns_for(min(top_k, len(model.class_names)))
+
+
+def columns_for(k: int) -> list[str]:
+    """The columns of a predictions file with `k` labels per image."""
     return ["path"] + [c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")] + ["error"]
 
 

@@ -37,9 +37,12 @@ from typing import Callable, Iterable, Iterator
 
 from filelock import FileLock, Timeout
 
-from mixer.data import file_kind
+from mixer.checkpoint import CONFIG, FORMAT, WEIGHTS
+from mixer.data import IMAGES, INFO, MANIFEST, file_kind
 from mixer.errors import MixerError
+from mixer.inference import ONNX_FILE, columns_for
 from mixer.text import decoded
+from mixer.train_state import BEST, LAST
 
 RECORD_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
@@ -95,43 +98,38 @@ def _has_keys(path: Path, keys: set[str]) -> bool:
 
 
 def _is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and _json_field(path / "config.json", "format", "mlp-mixer")
+    return (path / CONFIG).is_file() and _json_field(path / CONFIG, "format", FORMAT)
+
+
+def _first_line(path: Path) -> str | None:
+    """The first line of a regular file (up to 4 MiB: a top-k header over thousands of classes), as text."""
+    if not path.is_file():  # never open a FIFO: it would block
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.readline(1 << 22).decode("utf-8", "surrogateescape")
+    except OSError:
+        return None
 
 
 def _is_predictions(path: Path) -> bool:
-    """The first line `mixer predict` writes: the CSV header, or a JSON Lines record with path and error."""
-    if not path.is_file():  # never open a FIFO: it would block
-        return False
-    try:
-        with open(path, "rb") as f:
-            first = f.readline(1 << 22).decode("utf-8")
-    except (OSError, UnicodeDecodeError):
+    """The first line `mixer predict` writes: the CSV header, or a JSON Lines record, with exactly its columns."""
+    first = _first_line(path)
+    if first is None:
         return False
     header = next(csv.reader([first]), [])
-    if _prediction_columns(header):
+    if header == columns_for((len(header) - 2) // 2):
         return True
     try:
         record = json.loads(first)
     except ValueError:
         return False
-    return isinstance(record, dict) and _prediction_columns(list(record))
+    return isinstance(record, dict) and list(record) == columns_for((len(record) - 2) // 2)
 
 
-def _prediction_columns(columns: list[str]) -> bool:
-    """path, label_1, prob_1, ..., label_k, prob_k, error: mixer.inference.prediction_columns, exactly."""
-    k = (len(columns) - 2) // 2
-    return k >= 1 and columns == ["path", *[c for r in range(1, k + 1) for c in (f"label_{r}", f"prob_{r}")], "error"]
-
-
-def _starts_with(path: Path, magic: bytes) -> bool:
+def _starts_with(path: Path, magic: str) -> bool:
     """A regular file that begins with `magic` (an ONNX protobuf begins with its ir_version field, 0x08)."""
-    if not path.is_file():  # never open a FIFO: it would block
-        return False
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(magic)) == magic
-    except OSError:
-        return False
+    return (_first_line(path) or "").startswith(magic)
 
 
 def _json_object_with(key: str) -> Callable[[Path], bool]:
@@ -139,43 +137,35 @@ def _json_object_with(key: str) -> Callable[[Path], bool]:
 
 
 def _csv_header(*columns: str) -> Callable[[Path], bool]:
-    def recognise(path: Path) -> bool:
-        if not path.is_file():  # never open a FIFO: it would block
-            return False
-        try:
-            with open(path, encoding="utf-8") as f:
-                return next(csv.reader([f.readline(1 << 22)]), [])[:len(columns)] == list(columns)
-        except (OSError, UnicodeDecodeError):
-            return False
-    return recognise
+    return lambda path: next(csv.reader([_first_line(path) or ""]), [])[:len(columns)] == list(columns)
 
 
 # The files of the project's reports/, each recognised by how its writer begins it.
-REPORTS = {
+REPORT_FILES = {
     "metrics.json": _json_object_with("accuracy"),
     "data.json": _json_object_with("classes"),
     "per_class.csv": _csv_header("class", "precision"),
     "confusion.csv": _csv_header("actual", "predicted"),
-    "README.md": lambda p: _starts_with(p, b"# Run report"),
-    "params-check.txt": lambda p: _starts_with(p, b"params.yaml passed `mixer check`"),
+    "README.md": lambda p: _starts_with(p, "# Run report"),
+    "params-check.txt": lambda p: _starts_with(p, "params.yaml passed `mixer check`"),
 }
 
 
 def _is_report(path: Path) -> bool:
-    return path.name in REPORTS and REPORTS[path.name](path)
+    return path.name in REPORT_FILES and REPORT_FILES[path.name](path)
 
 
-MODEL = Kind("model directory", True, frozenset({"config.json", "model.safetensors", "model.onnx"}), _is_model_dir)
-PREPARED = Kind("prepared cache", True, frozenset({"images.npy", "manifest.csv", "prepared.json"}),
-                lambda p: not os.path.lexists(p / "prepared.json") or (p / "prepared.json").is_file()
-                and _has_keys(p / "prepared.json", {"classes", "data_hash"}))
+MODEL = Kind("model directory", True, frozenset({CONFIG, WEIGHTS, ONNX_FILE}), _is_model_dir)
+PREPARED = Kind("prepared cache", True, frozenset({IMAGES, MANIFEST, INFO}),
+                lambda p: not os.path.lexists(p / INFO) or (p / INFO).is_file()
+                and _has_keys(p / INFO, {"classes", "data_hash"}))
 TRAIN_LOG = Kind("training log", True, frozenset({"metrics.json", "params.yaml", "plots", "report.html",
                                                   "report.md", "dvc.yaml"}))
 FIGURES = Kind("figures folder", True, frozenset({"confusion.png", "learning_curves.png", "mistakes.png"}))
-RUN = Kind("run checkpoint folder", True, frozenset({"last.pt", "best"}), temporaries=".*.tmp")
+RUN = Kind("run checkpoint folder", True, frozenset({LAST, BEST}), temporaries=".*.tmp")
 REPORT = Kind("report", False, recognise=_is_report)
 PREDICTIONS = Kind("predictions file", False, recognise=_is_predictions)
-ONNX = Kind("ONNX model", False, recognise=lambda p: _starts_with(p, b"\x08") and _is_model_dir(p.parent))
+ONNX = Kind("ONNX model", False, recognise=lambda p: _starts_with(p, "\x08") and _is_model_dir(p.parent))
 
 
 # ---- the checks, before any work ---------------------------------------------------------------
