@@ -6,20 +6,32 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 
 # A stand-in for DVC: it starts `$SHELL -c "... python child"` with DVC_STAGE set, as DVC does.
+# The watcher's checks are counted: after its third look at a live DVC the child prints "watched", a
+# progress marker that replaces waiting a while and hoping the watcher looked.
 CHILD = """
-import os, signal, sys, time
+import os, signal, sys, threading, time
 sys.path.insert(0, os.environ["ROOT"])
+import pipeline.orphan as orphan
 from pipeline.orphan import find_dvc, stop_when_dvc_dies
 signal.signal(signal.SIGTERM, lambda *a: (print("SIGTERM", flush=True), os._exit(3)))
 print("found", *find_dvc(), flush=True)
+orphan.POLL_SECONDS = 0.01
+looks, parent_of = [], orphan.parent_of
+def counted_parent_of(pid):
+    parent = parent_of(pid)
+    if threading.current_thread().name == "watch-dvc":
+        looks.append(parent)
+        if len(looks) == 3:
+            print("watched", flush=True)
+    return parent
+orphan.parent_of = counted_parent_of
 stop_when_dvc_dies()
-time.sleep(30)
+time.sleep(600)  # a failsafe only: the test's SIGKILL of the group ends it
 """
 
 
@@ -42,8 +54,9 @@ def test_dvc_is_found_through_a_shell_and_a_wrapper_and_its_death_stops_training
         (word, found, child) = lines[1].split()
         assert (word, int(found)) == ("found", dvc.pid)
         assert int(child) in [p.pid for p in psutil.Process(dvc.pid).children()]  # the watched one is DVC's child
-        time.sleep(1)
-        assert dvc.poll() is None  # alive DVC: no signal
+        # the watcher looked three times at a live DVC and sent nothing: "SIGTERM" would come first
+        assert dvc.stdout.readline().strip() == "watched"
+        assert dvc.poll() is None
         dvc.kill()
         dvc.wait()
         assert dvc.stdout.readline().strip() == "SIGTERM"

@@ -467,14 +467,18 @@ def user_files(root: Path) -> dict:
 
 
 def test_for_any_output_path_nothing_the_project_did_not_make_changes(template, tmp_path_factory, monkeypatch):
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, example, given, settings, strategies as st
 
     outcomes = []
     monkeypatch.setenv("MIXER_LOCKS", str(tmp_path_factory.mktemp("locks")))
+    valid = {("predict", "x.csv"), ("import-weights", "new"), ("check", "output")}  # each command's plain case
 
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(command=st.sampled_from(["predict", "import-weights", "check"]),
            parts=st.lists(st.sampled_from(PARTS), min_size=1, max_size=3), absolute=st.booleans())
+    @example(command="predict", parts=["x.csv"], absolute=False)
+    @example(command="import-weights", parts=["new"], absolute=False)
+    @example(command="check", parts=["output"], absolute=False)
     def one(command, parts, absolute):
         root = tmp_path_factory.mktemp("case")
         project = root / "p"
@@ -493,14 +497,18 @@ def test_for_any_output_path_nothing_the_project_did_not_make_changes(template, 
         finally:
             os.chdir(cwd)
         assert code in (0, 2), output
+        if (command, path) in valid and not absolute:
+            assert code == 0, (args, output)  # a path the rule must allow: refusing everything fails here
         if code == 2:
             assert output.startswith("error: ") and len(output.strip().splitlines()) == 1, output
         after = user_files(root)
         assert {k: v for (k, v) in after.items() if k in before} == before, (args, output)
-        outcomes.append(code)
+        outcomes.append((command, code))
 
     one()
-    assert 0 in outcomes and 2 in outcomes, outcomes  # a rule that refused (or allowed) everything proves nothing
+    # a rule that refused (or allowed) everything proves nothing: each command both allowed and refused paths
+    assert {(c, code) for (c, code) in outcomes} == {(c, code) for c in ("predict", "import-weights", "check")
+                                                     for code in (0, 2)}, outcomes
 
 
 def test_a_killed_export_neither_blocks_nor_is_blocked_by_training(project):

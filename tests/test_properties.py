@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
@@ -72,14 +72,40 @@ def params_files(draw) -> bytes:
     return b"\xef\xbb\xbf" + data if oddity == "bom" else data
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(content=params_files())
+# Values each key surely accepts: a params file of the committed one with some of them in must pass, so
+# the property below cannot hold for a check that refuses everything.
+VALID = {
+    "seed": st.integers(0, 2**31 - 1), "depth": st.integers(1, 12), "batch_size": st.integers(1, 1024),
+    "num_steps": st.integers(3, 1000), "lr": st.sampled_from([1.0e-4, 3.0e-3, 0.1]), "dropout": st.floats(0, 0.5),
+    "drop_path": st.floats(0, 0.5), "hflip": st.floats(0, 1), "label_smoothing": st.floats(0, 0.3),
+    "scheduler": st.sampled_from(["cosine", "linear"]), "optimizer": st.sampled_from(["sgd", "adamw"]),
+    "resize": st.sampled_from(["stretch", "center_crop"]), "strict": st.booleans(), "drop_duplicates": st.booleans(),
+    "output_dir": st.sampled_from(["output", "models/run 1"]),
+}
+
+
+@st.composite
+def valid_params_files(draw) -> bytes:
+    params = dict(COMMITTED)
+    for key in draw(st.lists(st.sampled_from(sorted(VALID)), max_size=4, unique=True)):
+        params[key] = draw(VALID[key])
+    return yaml.safe_dump(params, sort_keys=draw(st.booleans()), allow_unicode=True).encode()
+
+
+@settings(max_examples=180, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # about half valid files
+@given(case=st.one_of(params_files().map(lambda content: (content, False)),
+                      valid_params_files().map(lambda content: (content, True))))
+@example(case=(yaml.safe_dump(COMMITTED, sort_keys=False).encode(), True))  # the committed params, always tried
 @pytest.mark.timeout(120, method="thread")  # a hang ends the run: hypothesis would catch and shrink the signal method's error
-def test_any_params_file_is_valid_or_one_line(content):
+def test_any_params_file_is_valid_or_one_line(case):
+    content, valid = case
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         Path("params.yaml").write_bytes(content)
         result = runner.invoke(app, ["check"])
+        event(f"exit {result.exit_code}" + (" (a valid file)" if valid else ""))
+        if valid:  # a file of valid values is accepted: "one line" is not an answer to it
+            assert result.exit_code == 0, (result.output, content.decode())
         if result.exit_code == 0:
             p = load_params(Path("params.yaml"))  # consistent: the file the check passed loads to valid Params
             assert isinstance(p, Params) and Path("reports/params-check.txt").is_file()
@@ -157,10 +183,26 @@ def consistent(project: Path) -> None:
     assert all(isinstance(p, str) for p in prepared.table["path"])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(recipe=data_folders())
+@st.composite
+def valid_data_folders(draw):
+    """A recipe that surely prepares: 2 to 4 classes of 3 to 6 distinct, decodable images each."""
+    classes = draw(st.lists(st.sampled_from(["cat", "dog", "ünï 猫", "a b", "fox"]), min_size=2, max_size=4,
+                            unique=True))
+    base = draw(st.integers(0, 2**16))
+    entries = [(name, draw(st.sampled_from(["png", "jpg"])), draw(st.sampled_from(["img", "photo 1", "ünï"])), base)
+               for name in classes for _ in range(draw(st.integers(3, 6)))]
+    return classes, [(cls, kind, name, seed + i) for (i, (cls, kind, name, seed)) in enumerate(entries)]
+
+
+@settings(max_examples=90, deadline=None,  # about half valid folders
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=st.one_of(data_folders().map(lambda recipe: (recipe, False)),
+                      valid_data_folders().map(lambda recipe: (recipe, True))))
+@example(case=((["cat", "dog"], [(c, "png", "img", 7 * i + j) for (i, c) in enumerate(["cat", "dog"])
+                                 for j in range(4)]), True))  # always tried: a plain folder prepares
 @pytest.mark.timeout(180, method="thread")
-def test_any_data_folder_prepares_consistently_or_is_one_line(recipe):
+def test_any_data_folder_prepares_consistently_or_is_one_line(case):
+    recipe, valid = case
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as mp:
         project = Path(folder)
         mp.chdir(project)
@@ -175,6 +217,10 @@ def test_any_data_folder_prepares_consistently_or_is_one_line(recipe):
         build(project / "data", recipe)
         (project / "params.yaml").write_text(yaml.safe_dump(dict(base, data="data")))
         result = runner.invoke(app, ["prepare", "--workers", "1"])
+        event(f"exit {result.exit_code}" + (" (a valid folder)" if valid else ""))
+        if valid:  # a folder of good images prepares, into a cache of its own classes
+            assert result.exit_code == 0, result.output
+            assert open_prepared(project / "prepared").classes == sorted(recipe[0])
         if result.exit_code == 0:
             consistent(project)
         else:

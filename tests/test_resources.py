@@ -11,12 +11,12 @@ import os
 import resource
 import shutil
 import threading
-import time
 import weakref
 import zipfile
 from collections import namedtuple
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -267,24 +267,44 @@ def test_a_download_larger_than_the_limit_is_refused_before_and_while_reading(tm
 
 
 def test_a_download_that_drips_meets_the_time_limit(tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MIXER_DOWNLOAD_TIME_LIMIT", "0.3")
+    """The download's clock is the test's: 100 s pass at each reading, and the server sends its next 20 bytes
+    only once the client has read the clock after the last ones, so each read brings one drip."""
+    import mixer.pretrained as pretrained
 
-    def drip(request):  # 1000 bytes, 20 every 50 ms: 2.5 s in all, each read well inside its timeout
+    monkeypatch.setenv("MIXER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MIXER_DOWNLOAD_TIME_LIMIT", "300")  # also each read's real timeout: a failsafe only
+    readings, read, finished = [], threading.Event(), threading.Event()
+
+    def clock():
+        readings.append(100.0 * len(readings))
+        read.set()
+        return readings[-1]
+
+    monkeypatch.setattr(pretrained, "time", SimpleNamespace(monotonic=clock))
+
+    def drip(request):  # 1000 bytes announced, 20 at a time
+        read.clear()  # the reading that set the deadline came before the request
         request.send_response(200)
         request.send_header("Content-Length", "1000")
         request.end_headers()
         for _ in range(50):
             request.wfile.write(b"x" * 20)
             request.wfile.flush()
-            time.sleep(0.05)
+            read.wait(timeout=60)
+            if finished.is_set():
+                return
+            read.clear()
 
-    start = time.monotonic()
     with serving(drip) as url:
-        with pytest.raises(MixerError, match=r"/slow\.npz: not complete after 0\.3 s \([0-9]+ bytes\); raise "
-                                             "MIXER_DOWNLOAD_TIME_LIMIT"):
-            download(f"{url}/slow.npz", timeout=2.0)
-        assert time.monotonic() - start < 1.5
+        try:
+            # the deadline is the first reading (0) + 300: the fourth drip's reading (400) is past it
+            with pytest.raises(MixerError, match=r"/slow\.npz: not complete after 300 s \(80 bytes\); raise "
+                                                 "MIXER_DOWNLOAD_TIME_LIMIT"):
+                download(f"{url}/slow.npz")
+        finally:
+            finished.set()
+            read.set()
+    assert readings == [0.0, 100.0, 200.0, 300.0, 400.0]  # at 300, not past the deadline: the download went on
     assert not cached_files(tmp_path / "cache")
     monkeypatch.setenv("MIXER_DOWNLOAD_TIME_LIMIT", "soon")
     with pytest.raises(MixerError, match="MIXER_DOWNLOAD_TIME_LIMIT must be a positive number, got 'soon'"):
