@@ -37,7 +37,8 @@ def make_folder(root: Path, n: int, max_side: int = 640, classes: int = 10) -> N
 
 def one_run(folder: str, workers: int, out: str) -> None:
     sys.path.insert(0, str(ROOT))
-    from mixer.data import PrepareConfig, prepare, scan_folder
+    from mixer.data import PrepareConfig, prepare
+    from mixer.sources import scan_folder
 
     source = scan_folder(Path(folder))
     start = time.perf_counter()

@@ -15,7 +15,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,9 @@ import torch
 
 from mixer.augment import AugmentConfig
 from mixer.data import Split
-from mixer.engine import Machine, Reporter, train
+from mixer.engine import Machine, Reporter, TrainConfig, train
 from mixer.model import create_model
 from mixer.preprocess import Preprocessing
-from pipeline.params import Params
-from pipeline.train import train_config
 
 
 class EpochClock(Reporter):
@@ -49,8 +46,8 @@ def one_run(cache: bool, args) -> tuple[float, float]:
     torch.manual_seed(0)
     model = create_model(image_shape=(args.size, args.size), patch_shape=(args.patch, args.patch), depth=args.depth,
                          dim=args.dim, num_classes=10)
-    config = replace(train_config(Params()), epochs=args.epochs, batch_size=64, warmup_epochs=1,
-                     augment=AugmentConfig(), freeze_features=True)
+    config = TrainConfig(epochs=args.epochs, batch_size=64, warmup_epochs=1,
+                     augment=AugmentConfig(), freeze="features")
     clock = EpochClock()
     with tempfile.TemporaryDirectory() as folder:
         train(model, split(args.images, args.size, 10, 0), split(args.images // 10, args.size, 10, 1), config,

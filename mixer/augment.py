@@ -9,20 +9,30 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mixer.hparams import at_least, between, check, fraction, hp, ordered
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    hflip: float = 0.0
-    crop_scale: tuple[float, float] = (1.0, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    randaugment_n: int = 0
-    randaugment_m: int = 9
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    """Training-time augmentation; the defaults are off."""
+
+    hflip: float = hp(0.0, "probability of a horizontal flip", rule=fraction(high_closed=True))
+    crop_scale: tuple[float, float] = hp((1.0, 1.0), "random resized crop area range ([1, 1]: off)",
+                                         rule=ordered(lambda lo: lo > 0, lambda hi: hi <= 1, "a pair with 0 < low <= high <= 1"))
+    crop_ratio: tuple[float, float] = hp((3 / 4, 4 / 3), "random resized crop aspect range",
+                                         rule=ordered(lambda lo: lo > 0, lambda hi: True, "a pair with 0 < low <= high"))
+    randaugment_n: int = hp(0, "RandAugment: operations per image (0: off)", rule=at_least(0))
+    randaugment_m: int = hp(9, "RandAugment: magnitude", rule=between(0, 30))
+    mixup: float = hp(0.0, "mixup alpha (0: off)", rule=at_least(0))
+    cutmix: float = hp(0.0, "cutmix alpha (0: off)", rule=at_least(0))
+
+    def __post_init__(self):
+        check(self)
 
     @property
     def active(self) -> bool:
@@ -135,11 +145,11 @@ def randaugment(x: Tensor, n: int, m: int, g: torch.Generator) -> Tensor:
         choice = torch.randint(len(RANDAUGMENT_OPS), (x.shape[0],), generator=g, device=x.device)
         sign = torch.where(torch.rand(x.shape[0], generator=g, device=x.device) < 0.5, -1.0, 1.0)
         levels = (sign * level).to(x.dtype)
-        out = x.clone()
-        for (k, name) in enumerate(RANDAUGMENT_OPS):
-            picked = torch.nonzero(choice == k).flatten()
-            if picked.numel():
-                out[picked] = _op(x[picked], name, levels[picked])
+        out = x
+        for (k, name) in enumerate(RANDAUGMENT_OPS[1:], start=1):
+            # every op on the whole batch, each image keeping its own: gathering the images that drew an op
+            # would need their number on the host, a wait for the device per op
+            out = torch.where((choice == k)[:, None, None, None], _op(x, name, levels), out)
         x = out
     return x
 
@@ -151,18 +161,20 @@ def mix(x: Tensor, targets: Tensor, mixup: float, cutmix: float, g: torch.Genera
 
     `targets` are probabilities (batch, classes); returned mixed in the same proportion as the pixels.
     """
-    use_cutmix = cutmix > 0 and (mixup == 0 or torch.rand(1, generator=g, device=x.device).item() < 0.5)
+    # One decision and one box per batch: drawn on the host, by a generator that `g`'s seed decides,
+    # since reading a number drawn on a GPU would wait for the GPU.
+    host = np.random.default_rng([g.initial_seed(), 0x6D6978])
+    use_cutmix = cutmix > 0 and (mixup == 0 or host.random() < 0.5)
     alpha = cutmix if use_cutmix else mixup
     if alpha <= 0:
         return x, targets
-    # lam ~ Beta(alpha, alpha), drawn by inverse CDF so that `g` alone decides it
-    lam = _beta_quantile(alpha, torch.rand(1, generator=g, device=x.device).item())
+    # lam ~ Beta(alpha, alpha), drawn by inverse CDF so that the seed alone decides it
+    lam = _beta_quantile(alpha, host.random())
     flipped = x.flip(0)
     if use_cutmix:
         H, W = x.shape[-2:]
         cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy = int(torch.randint(H, (1,), generator=g, device=x.device))
-        cx = int(torch.randint(W, (1,), generator=g, device=x.device))
+        cy, cx = int(host.integers(H)), int(host.integers(W))
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
         x = x.clone()

@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mixer.errors import MixerError
+from mixer.files import atomic_write
 from mixer.model import MixerConfig, MlpMixer, check_class_names
 from mixer.preprocess import Preprocessing
 from mixer.resources import check_npz
@@ -29,31 +28,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "mlp-mixer"
 VERSION = 2  # 1: normalization/resize/image_shape at the top level; 2: one preprocessing record
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename over `path`: a crash never leaves a half-written file.
-
-    A write the system refuses (disk full, file too large, read-only, no permission) is a user error
-    naming the path; the file that was there is left as it was.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise MixerError(f"cannot write {path}: {exc.strerror}") from None
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.errno is None:  # not the system refusing a write: a bug
-            raise
-        raise MixerError(f"cannot write {path}: {exc.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_model(model: MlpMixer, directory: Path, source: dict | None = None,
@@ -77,8 +51,7 @@ def save_model(model: MlpMixer, directory: Path, source: dict | None = None,
     if trained_on is not None:
         meta["trained_on"] = trained_on
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n",
-                                                                 encoding="utf-8"))
+    atomic_write(directory / CONFIG, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")  # UTF-8
 
 
 def read_config(directory: Path) -> dict:

@@ -1,373 +1,60 @@
-"""Image sources → a decoded, split, memory-mappable cache that training reads without decoding again.
+"""The prepared cache: a decoded, split, memory-mappable copy of a source that training reads without
+decoding again (`prepare` writes it, `open_prepared` reads it back, checked).
 
-Sources: the embedded digits (written out as an image folder first, so it takes the user's path),
-an image folder (one sub-folder per class), or a CSV (`path,label`, or the Kaggle dog-breed
-`id,breed` with images at `<folder>/<id>.jpg`). Files are listed, sorted, decoded in parallel
-worker processes and streamed into `images.npy`; the split is made on what decoded, per class,
-seeded, so the same file lands in the same split on every run and machine.
+The files of a source (`mixer.sources`) are decoded in parallel worker processes (`mixer.decoding`)
+and streamed into `images.npy`; the split is made on what decoded, per class, seeded, so the same
+file lands in the same split on every run and machine. `manifest.csv` lists each kept file's row,
+label, split and pixel hash; `prepared.json` records the classes, shape, resize policy and one hash
+of it all, which evaluation checks a model's training data against. `write_csv` writes the
+manifest and the pipeline's CSV reports.
 """
 
 from __future__ import annotations
 
 import csv
-import errno
 import hashlib
 import json
-import multiprocessing
-import os
-import stat
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mixer.decoding import decode_many
 from mixer.errors import MixerError
-from mixer.preprocess import to_float
+from mixer.hparams import Rule, at_least, check, hp, one_of
+from mixer.preprocess import RESIZE_POLICIES, to_float
+from mixer.sources import Source, printable
 from mixer.split import SPLITS, find_cross_split_duplicates, split_by_class
-from mixer.text import decoded, spreadsheet_safe
+from mixer.text import spreadsheet_safe
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 IMAGES, MANIFEST, INFO = "images.npy", "manifest.csv", "prepared.json"  # the files of a prepared cache
-
-
-@dataclass
-class Source:
-    """What to decode: a data root and (path relative to it, class name) pairs."""
-
-    root: Path
-    items: list[tuple[str, str]]
-    classes: list[str]
-    skipped: list[dict] = field(default_factory=list)          # files not decoded, with the reason
-    label_conflicts: list[dict] = field(default_factory=list)  # CSV paths given two or more labels
-    duplicate_rows: int = 0                                     # CSV rows that repeat an earlier one
-
-
-# ---- sources ---------------------------------------------------------------------------------
-
-def export_digits(dest: Path) -> Path:
-    """Write scikit-learn's 8×8 digits as PNGs, one folder per class; returns the folder."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    for (i, (image, label)) in enumerate(zip(digits.images, digits.target)):
-        folder = Path(dest) / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)  # 0..16 grey levels
-        Image.fromarray(pixels, mode="L").save(folder / f"{i:04d}.png")
-    return Path(dest)
-
-
-def is_image_file(rel: Path) -> bool:
-    """An image by its extension (any case), with no hidden part in its path relative to the root."""
-    return rel.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts)
-
-
-def printable(path: str | Path) -> str:
-    """A path as valid text for a file or JSON: undecodable bytes as \\xNN (for a terminal, see mixer.text.shown)."""
-    return decoded(path)  # one implementation; control characters stay, so CSV and JSON keep the real name
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # os.fsdecode kept undecodable bytes as surrogates
-        return False
-
-
-def scan_folder(root: Path) -> Source:
-    """One class per top-level sub-folder; images in nested folders belong to that class.
-
-    Links are followed, but a folder reached twice (a link loop such as `dog/up -> ..`, or a second
-    name for a folder already scanned) is skipped, so no image is relabelled or counted twice. Links
-    stay inside the (resolved) data folder: a link to a folder or a file outside it is skipped, so the
-    cache holds only what the folder holds, as a CSV's rows may not escape it either. Only regular
-    files become items: FIFOs, sockets and devices (which would block or never end) are skipped, as
-    are broken links and names that are not UTF-8 (of files, and of nested folders, which are not
-    scanned); each skip is reported with its reason.
-    """
-    root = Path(root)
-    if not root.exists():
-        raise MixerError(f"data folder {root} does not exist")
-    if not root.is_dir():
-        raise MixerError(f"data {root} is neither a folder nor a CSV file")
-    classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _stat_is_dir(e.path))
-    inside = root.resolve()
-    for name in classes:
-        if not _is_utf8(name):
-            raise MixerError(f"class folder {printable(root / name)} has a name that is not UTF-8; rename it")
-        if not (root / name).resolve().is_relative_to(inside):  # DVC tracks the folder, not what a link reaches
-            raise MixerError(f"class folder {printable(root / name)} is a link out of the data folder; copy the "
-                             "images into it instead")
-    if not classes:
-        raise MixerError(f"data folder {root} has no class sub-folders")
-    items: list[tuple[str, str]] = []
-    skipped: list[dict] = []
-    seen = {_identity(root)}
-    for name in classes:
-        _walk(root, root / name, name, seen, items, skipped, inside=inside)
-    return Source(root, sorted(items), classes, skipped)
-
-
-def find_images(folder: Path) -> tuple[list[Path], list[dict]]:
-    """The image files under `folder`, recursively and sorted, and what was skipped (see `scan_folder`).
-
-    Links out of `folder` are followed here: it holds images to classify now, not to cache and share.
-    """
-    items: list[tuple[str, str]] = []
-    skipped: list[dict] = []
-    _walk(Path(folder), Path(folder), "", set(), items, skipped)
-    return [Path(folder) / rel for (rel, _) in sorted(items)], skipped
-
-
-def _identity(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino)
-
-
-def _stat_is_dir(path) -> bool:
-    try:
-        return stat.S_ISDIR(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _walk(root: Path, folder: Path, label: str, seen: set, items: list, skipped: list,
-          inside: Path | None = None) -> None:
-    """Collect the images under `folder` into `items`, and the skips; links must stay under `inside`
-    (when given)."""
-    identity = _identity(folder)
-    rel = folder.relative_to(root).as_posix()
-    if identity in seen:
-        skipped.append({"path": printable(rel), "reason": "link to a folder already scanned (a loop or a "
-                                                          "second name); not followed"})
-        return
-    seen.add(identity)
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as exc:
-        skipped.append({"path": printable(rel), "reason": f"cannot list folder ({exc.strerror})"})
-        return
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        path = folder / entry.name
-        rel = path.relative_to(root)
-        try:
-            mode = os.stat(path).st_mode  # follows links; never opens, so never blocks
-        except OSError as exc:
-            if is_image_file(rel):
-                reason = "link loop" if exc.errno == errno.ELOOP else "broken link" if entry.is_symlink() \
-                    else f"cannot stat ({exc.strerror})"
-                skipped.append({"path": printable(rel), "reason": reason})
-            continue
-        # only a link can lead out of the folder: what it reaches is checked, not its name
-        outside = inside is not None and entry.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(inside)
-        if stat.S_ISDIR(mode) and outside:
-            skipped.append({"path": printable(rel), "reason": "link to a folder outside the data folder; not followed"})
-        elif stat.S_ISDIR(mode) and not _is_utf8(entry.name):
-            # its files' paths could not be written to the manifest; a top-level class is an error instead
-            skipped.append({"path": printable(rel), "reason": "folder name is not UTF-8; not scanned"})
-        elif stat.S_ISDIR(mode):
-            _walk(root, path, label, seen, items, skipped, inside)
-        elif not is_image_file(rel):
-            continue
-        elif not _is_utf8(entry.name):
-            skipped.append({"path": printable(rel), "reason": "file name is not UTF-8"})
-        elif not stat.S_ISREG(mode):
-            skipped.append({"path": printable(rel), "reason": f"not a regular file ({file_kind(mode)})"})
-        elif outside:
-            skipped.append({"path": printable(rel), "reason": "link to a file outside the data folder; not read"})
-        else:
-            items.append((rel.as_posix(), label))
-
-
-def file_kind(mode: int) -> str:
-    """What a path that is neither a folder nor a regular file is, in words (from its st_mode)."""
-    for (test, name) in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                         (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
-
-
-def read_csv(csv: Path) -> Source:
-    """`path,label` (paths relative to the CSV) or Kaggle's `id,breed` with `<id>.jpg` beside it.
-
-    A row repeated word for word counts once; a path listed with two labels keeps its first label,
-    and both are reported (`label_conflicts`; an error under `strict`).
-    """
-    csv = Path(csv)
-    try:
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise MixerError(f"{csv} is not a readable CSV ({str(exc).splitlines()[0]})") from None
-    root = csv.parent
-    if {"path", "label"} <= set(table.columns):
-        paths, labels = list(table["path"]), list(table["label"])
-    elif {"id", "breed"} <= set(table.columns):
-        folder = next((d for d in (root / "train", root / "images", root) if d.is_dir()), root)
-        prefix = folder.relative_to(root).as_posix()
-        paths = [f"{prefix}/{i}.jpg" if prefix != "." else f"{i}.jpg" for i in table["id"]]
-        labels = list(table["breed"])
-    else:
-        raise MixerError(f"{csv} needs columns path,label or id,breed; it has {','.join(table.columns)}")
-    label_of: dict[str, str] = {}
-    conflicts: dict[str, list[str]] = {}
-    pairs: set[tuple[str, str]] = set()
-    missing, special, duplicate_rows = [], [], 0
-    resolved_root = root.resolve()
-    for (line, (path, label)) in enumerate(zip(paths, labels), start=2):
-        if not label:
-            raise MixerError(f"{csv}, line {line}: {path!r} has an empty label")
-        key = Path(path).as_posix()
-        if (key, label) in pairs:
-            duplicate_rows += 1
-            continue
-        pairs.add((key, label))
-        if key in label_of:
-            conflicts.setdefault(key, [label_of[key]]).append(label)
-            continue
-        if "\0" in path:  # no file can be named so, and the OS calls below would raise ValueError
-            raise MixerError(f"{csv}, line {line}: path {path!r} holds a NUL byte, which no file name can hold; "
-                             "fix that row")
-        full = (root / path).resolve()
-        if not full.is_relative_to(resolved_root):
-            raise MixerError(f"{csv}, line {line}: path {path!r} escapes the data folder {root}")
-        try:
-            mode = os.stat(full).st_mode
-        except OSError:
-            missing.append(path)
-            continue
-        if not stat.S_ISREG(mode):
-            special.append(f"{path!r} ({file_kind(mode) if not stat.S_ISDIR(mode) else 'folder'})")
-            continue
-        label_of[key] = label
-    if missing:
-        raise MixerError(f"{csv}: {len(missing)} labelled image(s) do not exist, e.g. {missing[0]!r}")
-    if special:
-        raise MixerError(f"{csv}: {len(special)} labelled path(s) are not regular files, e.g. {special[0]}")
-    items = sorted(label_of.items())
-    report = [{"path": k, "labels": v, "kept": v[0]} for (k, v) in sorted(conflicts.items())]
-    return Source(root, items, sorted(set(label_of.values())), label_conflicts=report,
-                  duplicate_rows=duplicate_rows)
-
-
-def open_source(data: str, scratch: Path) -> Source:
-    """Resolve the `data` param: 'digits', an image folder, or a CSV file."""
-    if data == "digits":
-        return scan_folder(export_digits(Path(scratch) / "digits"))
-    path = Path(data)
-    if path.suffix.lower() == ".csv":
-        if not path.is_file():
-            raise MixerError(f"data file {path} does not exist")
-        return read_csv(path)
-    return scan_folder(path)
-
-
-# ---- decoding --------------------------------------------------------------------------------
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB: palette, alpha (on a white background), L, 16-bit, CMYK."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def resize(image: Image.Image, shape: tuple[int, int], policy: str) -> Image.Image:
-    """`stretch` to (H, W), or `center_crop`: scale the shorter side to fit, then crop the centre."""
-    height, width = shape
-    if policy == "center_crop":
-        scale = max(height / image.height, width / image.width)
-        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (image.width - width) // 2, (image.height - height) // 2
-        return image.crop((left, top, left + width, top + height))
-    return image.resize((width, height), Image.Resampling.BICUBIC)
-
-
-def decode(path: Path, shape: tuple[int, int], policy: str = "stretch") -> tuple[np.ndarray, str]:
-    """One file → (uint8 array H×W×3, hash of the decoded pixels); raises ValueError if unusable.
-
-    Only a regular file is read (it is opened without blocking, so a FIFO cannot hang us). Memory is
-    bounded by the pixel limit (`Image.MAX_IMAGE_PIXELS`, about 89 M pixels; more is refused as a
-    decompression bomb): a JPEG much larger than `shape` is decoded at a reduced scale, any other
-    image is shrunk by whole factors before its colours are converted.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise ValueError(f"cannot open ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as file:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"not a regular file ({file_kind(mode) if not stat.S_ISDIR(mode) else 'folder'})")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                with Image.open(file) as image:
-                    image = to_rgb(ImageOps.exif_transpose(shrink(image, shape)))  # orientation before resizing
-                    digest = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
-                    return np.asarray(resize(image, shape, policy), dtype=np.uint8), digest
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise ValueError(f"decompression bomb: {exc}") from None
-            except UnidentifiedImageError:
-                raise ValueError("not an image") from None
-            except (OSError, SyntaxError, EOFError) as exc:
-                raise ValueError(f"cannot decode ({exc})") from None
-
-
-def shrink(image: Image.Image, shape: tuple[int, int]) -> Image.Image:
-    """Reduce an image much larger than `shape` by a whole factor, keeping at least 2× the target.
-
-    The factor is the same for both axes and leaves the shorter side at least twice the longer
-    target side, so neither resize policy nor a later EXIF rotation ever upsamples.
-    """
-    keep = 2 * max(shape)
-    if image.format == "JPEG":
-        image.draft(image.mode, (keep, keep))  # DCT-domain scaling while decoding
-    factor = min(image.size) // keep
-    if factor < 2:
-        return image
-    return image.resize((image.width // factor, image.height // factor), Image.Resampling.BOX)
-
-
-def _decode_job(args):
-    index, path, shape, policy = args
-    try:
-        array, digest = decode(path, shape, policy)
-        return index, array, digest, None
-    except ValueError as exc:
-        return index, None, None, str(exc)
 
 
 # ---- prepare ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    image_shape: tuple[int, int]
-    resize: str = "stretch"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
+    image_shape: tuple[int, int]  # declared by MixerConfig, as seed by TrainConfig: both stages read them
+    resize: str = hp("stretch", "stretch to image_shape, or center_crop after resizing the shorter side",
+                     stages="prepare", rule=one_of(*RESIZE_POLICIES))
+    val_fraction: float = hp(0.1, "share of each class held out for validation", stages="prepare",
+                             rule=Rule("in (0, 1)", lambda v: 0 < v < 1))
+    test_fraction: float = hp(0.2, "share of each class held out for the test", stages="prepare",
+                              rule=Rule("in (0, 1)", lambda v: 0 < v < 1))
     seed: int = 0
-    num_classes: int | None = None
-    strict: bool = False
-    drop_duplicates: bool = True
+    num_classes: int | None = hp(None, "number of classes the data must have (null: whatever it has)",
+                                 stages="prepare train", rule=at_least(2), original=120)
+    strict: bool = hp(False, "stop at an undecodable image instead of skipping and reporting it", stages="prepare")
+    drop_duplicates: bool = hp(True, "drop images whose content already appears in an earlier split",
+                               stages="prepare")
+
+    def __post_init__(self):
+        check(self)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise MixerError(f"val_fraction + test_fraction must leave a training share, got "
+                             f"{self.val_fraction} + {self.test_fraction}")
 
 
 def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int = 1,
@@ -477,17 +164,6 @@ def _data_hash(manifest: Path, image_shape: tuple[int, int], resize: str) -> str
     return digest.hexdigest()
 
 
-def decode_many(jobs: list, workers: int, ordered: bool = False):
-    """Decode (index, path, shape, policy) jobs in `workers` processes, yielding (index, array or None,
-    digest, error) as results come, or in the jobs' order if `ordered` (nothing accumulates)."""
-    if workers <= 1:
-        yield from map(_decode_job, jobs)
-        return
-    context = multiprocessing.get_context("spawn" if os.name == "nt" else "fork")
-    with context.Pool(workers) as pool:
-        yield from (pool.imap if ordered else pool.imap_unordered)(_decode_job, jobs, chunksize=16)
-
-
 # ---- reading the cache -----------------------------------------------------------------------
 
 @dataclass
@@ -502,10 +178,21 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def gather(self, rows: np.ndarray, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows as they are stored (uint8, batch×H×W×3) and their labels, on the host; in pinned memory when
+        `pin`, so that a copy to a GPU can run while the GPU works."""
+        images, labels = torch.from_numpy(np.ascontiguousarray(self.images[rows])), torch.from_numpy(self.labels[rows])
+        return (images.pin_memory(), labels.pin_memory()) if pin else (images, labels)
+
+    @staticmethod
+    def on_device(images: torch.Tensor) -> torch.Tensor:
+        """Gathered rows, once on the training device, as the model's input: float (batch, 3, H, W) in [0, 1]."""
+        return to_float(images)
+
     def batch(self, rows: np.ndarray, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows as float images in [0, 1], (batch, 3, H, W) on `device`, and their labels."""
-        images = torch.from_numpy(np.ascontiguousarray(self.images[rows])).to(device, non_blocking=True)
-        return to_float(images), torch.from_numpy(self.labels[rows]).to(device)
+        images, labels = self.gather(rows)
+        return self.on_device(images.to(device)), labels.to(device)
 
 
 @dataclass

@@ -11,16 +11,18 @@ seeded by (seed, epoch, micro-batch, rank), so a checkpoint holds a position, ne
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from mixer import probe, train_state
 from mixer.augment import AugmentConfig, augment
@@ -28,34 +30,49 @@ from mixer.checkpoint import save_model
 from mixer.data import Split
 from mixer.errors import MixerError
 from mixer.evaluation import evaluate_split
+from mixer.hparams import Rule, at_least, check, fraction, hp, one_of, positive
 from mixer.model import MlpMixer
 from mixer.optim import build_optimizer, make_ema
 from mixer.preprocess import Preprocessing
 from mixer.schedule import build_scheduler
-from mixer.train_state import CheckpointTimer, Every, TrainState, start_or_continue
+from mixer.train_state import CheckpointTimer, Every, RunningSums, TrainState, start_or_continue
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The hyperparameters of a run. Their defaults live in one place: params.yaml."""
+    """The hyperparameters of a run (`key=`: the params.yaml name, the original train.py's)."""
 
-    epochs: int
-    batch_size: int          # per process and micro-batch
-    lr: float
-    optimizer: str
-    momentum: float
-    weight_decay: float
-    warmup_epochs: int
-    scheduler: str
-    min_lr: float
-    clip_grad: float
-    label_smoothing: float
-    grad_accum: int
-    ema_decay: float
-    seed: int
-    eval_batch_size: int
-    augment: AugmentConfig
-    freeze_features: bool = False  # train only the head (a linear probe)
+    epochs: int = hp(40, "training epochs", key="num_steps", rule=at_least(1), original=30)
+    batch_size: int = hp(64, "images per micro-batch and process", rule=at_least(1), original=16)
+    lr: float = hp(3.0e-3, "peak learning rate", rule=positive(), original=1.0e-3)
+    optimizer: str = hp("adamw", "sgd (with momentum) or adamw (betas momentum, 0.999)",
+                        rule=one_of("sgd", "adamw"), original="sgd")
+    momentum: float = hp(0.9, "SGD momentum (also AdamW's beta1)", rule=fraction(), original=0.9)
+    weight_decay: float = hp(0.05, "weight decay (not applied to norms and biases)", key="decay",
+                             rule=at_least(0), original=0.0)
+    warmup_epochs: int = hp(3, "linear warm-up epochs", key="warmup_step", rule=at_least(0), original=10)
+    scheduler: str = hp("cosine", "decay after warm-up", rule=one_of("cosine", "linear"), original="cosine")
+    min_lr: float = hp(0.0, "learning-rate floor at the end of the decay (at most lr)", rule=at_least(0))
+    clip_grad: float = hp(1.0, "clip gradients to this global norm (0: off)", rule=at_least(0))
+    label_smoothing: float = hp(0.0, "label smoothing of the cross-entropy", rule=fraction())
+    grad_accum: int = hp(1, "micro-batches accumulated per optimizer step", rule=at_least(1))
+    ema_decay: float = hp(0.0, "EMA of weights per step (0: off); the EMA is evaluated and saved", rule=fraction())
+    seed: int = hp(0, "seed for the split, initialisation, shuffling and augmentation", stages="prepare train",
+                   rule=Rule("in 0 .. 2**32 - 1", lambda v: 0 <= v < 2**32))
+    eval_batch_size: int = hp(256, "images per batch when evaluating", stages="train evaluate", rule=at_least(1),
+                              affects=False)
+    freeze: str = hp("none", "none: train every weight; features: train only the head (a linear probe of "
+                     "the checkpoint's features)", rule=one_of("none", "features"))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        check(self)
+        if self.min_lr > self.lr:
+            raise MixerError(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
+
+    @property
+    def freeze_features(self) -> bool:
+        return self.freeze == "features"
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,7 @@ class Machine:
     checkpoint_every: Every | None = None     # also checkpoint inside epochs
     stop: threading.Event | None = None       # once set: finish the step, checkpoint, raise Interrupted
     cache_features: bool = True               # a probe without augmentation: compute features once
+    log_every: int = 50                       # optimizer steps between reads of the running loss (a host sync)
 
 
 class Interrupted(Exception):
@@ -86,8 +104,11 @@ class Reporter:
     def start(self, state: TrainState, epochs: int, steps_per_epoch: int) -> None:
         """Called once, before the first step; `state.history` holds the epochs already done."""
 
-    def step(self, state: TrainState, loss: float) -> None:
+    def step(self, state: TrainState) -> None:
         """After every optimizer step."""
+
+    def progress(self, state: TrainState, loss: float) -> None:
+        """Every `Machine.log_every` optimizer steps: the epoch's mean training loss so far."""
 
     def epoch(self, metrics: dict) -> None:
         """After an epoch, once its checkpoint is on disk."""
@@ -159,144 +180,200 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     otherwise, with a note; True requires the same run (another run's checkpoint is an error; no
     checkpoint starts anew, with a note); False always starts anew.
     """
-    reporter = reporter or Reporter()
     accelerator = make_accelerator(config.grad_accum, machine)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    reporter = reporter if main else Reporter()
+    reporter = reporter if reporter is not None and main else Reporter()
     spe = steps_per_epoch(len(train_split), config, world)
-    num_classes = model.config.num_classes
-    full = model  # what is saved and returned; `model` is what learns
-    cached = config.freeze_features and machine.cache_features and not config.augment.active
-    if config.freeze_features:
-        probe.freeze_features(model)
-        if cached:
-            model = probe.Probe(model.head)
-        elif config.augment.active:
-            reporter.note("freeze: features with augmentation: the frozen layers run on every batch (without "
-                          "augmentation each image's features are computed once)")
-
-    def deliverable(trained) -> MlpMixer:
-        return probe.with_head(full, trained) if isinstance(trained, probe.Probe) else trained
-
-    optimizer = build_optimizer(model, config.optimizer, config.lr, config.momentum, config.weight_decay)
+    learner = _learner(model, train_split, val_split, preprocessing, config, machine, accelerator.device, reporter)
+    optimizer = build_optimizer(learner.module, config.optimizer, config.lr, config.momentum, config.weight_decay)
     scheduler = build_scheduler(optimizer, spe, config.epochs, config.warmup_epochs, config.scheduler,
                                 config.min_lr / config.lr)
-    ema = make_ema(model, config.ema_decay)
-    # The global batch, not the per-process one: one process × 2B continues two processes × B. A cached
-    # probe's checkpoint holds only the head: it continues only a cached probe.
-    fingerprint = {**(fingerprint or {}), "global_batch": config.batch_size * world,
-                   **({"trains": "head"} if cached else {})}
-    state = start_or_continue(Path(run_dir), fingerprint, resume, config.epochs, main, model, optimizer, scheduler,
-                              ema, reporter.note)
-    if cached:
-        full.to(accelerator.device)
-        if state.epoch < config.epochs:
-            train_split, val_split = (probe.features_of(full, split, preprocessing, config.eval_batch_size,
-                                                        accelerator.device) for split in (train_split, val_split))
-        preprocessing = probe.AS_IS
-    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = make_ema(learner.module, config.ema_decay)
+    # The global batch, not the per-process one: one process × 2B continues two processes × B.
+    fingerprint = {**(fingerprint or {}), "global_batch": config.batch_size * world, **learner.fingerprint}
+    state = start_or_continue(Path(run_dir), fingerprint, resume, config.epochs, main, learner.module, optimizer,
+                              scheduler, ema, reporter.note)
+    module, optimizer = accelerator.prepare(learner.module, optimizer)
     if machine.compile:
-        model = torch.compile(model)
+        module = torch.compile(module)
     ema = ema.to(accelerator.device) if ema is not None else None
-    timer = CheckpointTimer(machine.checkpoint_every, state.step)
-
-    def unwrap(m):  # without DDP and torch.compile's wrappers: state dict keys as the model's own
-        return accelerator.unwrap_model(m, keep_torch_compile=False)
-
+    run = _Run(accelerator, module, optimizer, scheduler, ema, state, run_dir, reporter,
+               CheckpointTimer(machine.checkpoint_every, state.step))
     generator = torch.Generator(device=accelerator.device)
     reporter.start(state, config.epochs, spe)
-
-    def checkpoint(best: bool = False) -> Path:
-        state.sums = accelerator.reduce(torch.tensor(state.sums, dtype=torch.float64, device=accelerator.device),
-                                        "sum").tolist() if world > 1 else state.sums
-        path = Path(run_dir) / train_state.LAST
-        if main:
-            path, size, seconds = train_state.save(run_dir, state, unwrap(model), optimizer,
-                                                   scheduler, ema)
-            if best:
-                save_model(deliverable(ema.module if ema is not None else unwrap(model)),
-                           Path(run_dir) / train_state.BEST)
-            reporter.checkpoint(state, path, size, seconds)
-        if world > 1:  # other ranks start the next epoch's sums from zero: rank 0 holds them
-            state.sums = state.sums if main else [0.0, 0.0, 0.0]
-        accelerator.wait_for_everyone()
-        timer.restart(state.step)
-        return path
-
     for epoch in range(state.epoch, config.epochs):
-        model.train()
-        if config.freeze_features:
-            probe.eval_frozen(unwrap(model))
-        batches = epoch_batches(len(train_split), config.batch_size, config.seed, epoch, rank, world)
-        started, timed = time.perf_counter(), 0
-        for index in range(state.step_in_epoch * config.grad_accum, spe * config.grad_accum):
+        learner.train_mode(run.unwrapped())
+        batches = epoch_batches(len(learner.train), config.batch_size, config.seed, epoch, rank, world)
+        first, resumed = state.step_in_epoch * config.grad_accum, state.sums.images
+        sums, started = _DeviceSums(state.sums if main else RunningSums(), accelerator.device), time.perf_counter()
+        for (index, (images, labels)) in enumerate(prefetched(learner.train, batches[first:spe * config.grad_accum],
+                                                               accelerator.device), start=first):
             seed_micro_batch(config.seed, epoch, index, rank, generator)
-            images, labels = train_split.batch(batches[index], accelerator.device)
-            targets = F.one_hot(labels, num_classes).float()
+            targets = torch.zeros(len(labels), model.config.num_classes, device=labels.device).scatter_(
+                1, labels[:, None], 1.0)  # F.one_hot checks the labels' range on the host: a sync
             if config.augment.active:
                 images, targets = augment(images, targets, config.augment, generator)
-            with accelerator.accumulate(model), accelerator.autocast():
-                logits = model(preprocessing.standardize(images))
+            with accelerator.accumulate(module):
+                with accelerator.autocast():
+                    logits = module(learner.preprocessing.standardize(images))
                 loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.clip_grad > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
+                    accelerator.clip_grad_norm_(module.parameters(), config.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if not math.isfinite(loss.item()):
-                raise MixerError(f"training diverged at epoch {epoch + 1}, step {state.step + 1}: the loss is "
-                                 f"{loss.item()}; lower lr (now {config.lr}) or raise clip_grad")
-            state.sums[0] += loss.item() * len(labels)
-            state.sums[1] += int((logits.argmax(1) == labels).sum())
-            state.sums[2] += len(labels)
-            timed += len(labels)
+            sums.add(loss.detach(), logits.detach(), labels, state.step + 1)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             if ema is not None:
-                ema.update_parameters(unwrap(model))
+                ema.update_parameters(run.unwrapped())
             state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
-            reporter.step(state, loss.item())
-            if state.step_in_epoch < spe:  # the end of an epoch checkpoints anyway
-                stop, due = agree(accelerator, machine.stop, timer.due(state.step))
-                if stop or due:
-                    path = checkpoint()
-                if stop:
-                    raise Interrupted(state, path)
-        elapsed = time.perf_counter() - started
-        scored = ema.module if ema is not None else unwrap(model)
-        val = evaluate_split(scored, val_split, preprocessing, config.eval_batch_size, accelerator)
-        totals = accelerator.reduce(torch.tensor([*state.sums, timed], dtype=torch.float64,
-                                                 device=accelerator.device), "sum").tolist()
+            reporter.step(state)
+            if state.step_in_epoch < spe:  # the end of an epoch reads the sums and checkpoints anyway
+                run.between_steps(sums, epoch, config, machine)
+        metrics = run.end_epoch(sums, epoch, config, learner, resumed, time.perf_counter() - started)
+        reporter.epoch(metrics)
+        if run.agree(machine.stop, False)[0] and epoch + 1 < config.epochs:
+            raise Interrupted(state, Path(run_dir) / train_state.LAST)
+    return Result(learner.deliver(run.scored()), state.history[-1], state, main)
+
+
+def _learner(model, train_split, val_split, preprocessing, config, machine, device, reporter) -> probe.Learner:
+    """What the loop trains: the model on images, or for `freeze: features` a probe (mixer.probe)."""
+    if not config.freeze_features:
+        return probe.Learner(model, train_split, val_split, preprocessing)
+    if config.augment.active:
+        reporter.note("freeze: features with augmentation: the frozen layers run on every batch (without "
+                      "augmentation each image's features are computed once)")
+    cache = machine.cache_features and not config.augment.active
+    return probe.learner(model, train_split, val_split, preprocessing, config.eval_batch_size, device, cache)
+
+
+def prefetched(split, batches: list[np.ndarray], device) -> Iterator[tuple[Tensor, Tensor]]:
+    """Each micro-batch of `batches` on `device`, in order: a thread gathers the next one (into pinned
+    memory on a GPU, copied without blocking) while the caller trains on this one."""
+    pin = torch.device(device).type == "cuda"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gather") as pool:
+        ahead = pool.submit(split.gather, batches[0], pin) if batches else None
+        for k in range(len(batches)):
+            images, labels = ahead.result()
+            if k + 1 < len(batches):
+                ahead = pool.submit(split.gather, batches[k + 1], pin)
+            yield split.on_device(images.to(device, non_blocking=pin)), labels.to(device, non_blocking=pin)
+
+
+class _DeviceSums:
+    """The epoch's running sums where the loss is (read back only when asked: each read waits for the
+    device), and the first optimizer step whose loss was not finite."""
+
+    def __init__(self, start: RunningSums, device):
+        self.values = torch.tensor([start.loss, start.correct, start.images, -1.0, 0.0], dtype=torch.float64,
+                                   device=device)
+
+    def add(self, loss: Tensor, logits: Tensor, labels: Tensor, step: int) -> None:
+        n = len(labels)
+        bad = ~torch.isfinite(loss) & (self.values[3] < 0)
+        update = torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(),
+                              torch.ones((), dtype=torch.float64, device=loss.device) * n])
+        self.values[:3] += update
+        self.values[3:] = torch.where(bad, torch.stack([torch.full_like(self.values[3], step), loss.double()]),
+                                      self.values[3:])
+
+    def read(self, accelerator, config: TrainConfig, epoch: int) -> RunningSums:
+        """The sums, summed over processes; a one-line error if any step's loss was not finite."""
+        values = self.values
+        if accelerator.num_processes > 1:  # the sums added up; the first bad step of any process
+            values = torch.cat([accelerator.reduce(values[:3].clone(), "sum"), accelerator.reduce(values[3:4].clone(), "max"),
+                                values[4:]])
+        loss, correct, images, bad, bad_loss = values.tolist()
+        if bad >= 0:
+            raise MixerError(f"training diverged at epoch {epoch + 1}, step {int(bad)}: the loss is "
+                             f"{bad_loss if bad == self.values[3] else 'not finite'}; lower lr (now {config.lr}) "
+                             "or raise clip_grad")
+        return RunningSums(loss, correct, images)
+
+
+@dataclass
+class _Run:
+    """What the loop carries from step to step, and what it does between steps and epochs."""
+
+    accelerator: object
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    ema: object
+    state: TrainState
+    run_dir: Path
+    reporter: Reporter
+    timer: CheckpointTimer
+
+    def unwrapped(self) -> torch.nn.Module:  # without DDP and torch.compile: state dict keys as the model's own
+        return self.accelerator.unwrap_model(self.module, keep_torch_compile=False)
+
+    def scored(self) -> torch.nn.Module:
+        """The weights that are evaluated and saved: the EMA's when it is on."""
+        return self.ema.module if self.ema is not None else self.unwrapped()
+
+    def agree(self, stop: threading.Event | None, due: bool) -> tuple[bool, bool]:
+        """Whether any process was asked to stop, and whether any has a checkpoint due: all ranks agree."""
+        flags = [stop is not None and stop.is_set(), due]
+        if self.accelerator.num_processes > 1:
+            import torch.distributed as dist
+
+            tensor = torch.tensor(flags, dtype=torch.int32, device=self.accelerator.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flags = [bool(v) for v in tensor.tolist()]
+        return flags[0], flags[1]
+
+    def between_steps(self, sums: _DeviceSums, epoch: int, config: TrainConfig, machine: Machine) -> None:
+        """Every `log_every` steps: read the running loss (and stop on divergence). A single process checks
+        for a stop request or a due checkpoint after every step (host flags, no sync); several processes
+        agree on them only at those reads, since agreeing is a collective that waits for all of them."""
+        state, several = self.state, self.accelerator.num_processes > 1
+        read = state.step % machine.log_every == 0
+        if read:
+            so_far = sums.read(self.accelerator, config, epoch)
+            self.reporter.progress(state, so_far.loss / max(so_far.images, 1))
+        if several and not read:
+            return
+        stop, due = self.agree(machine.stop, self.timer.due(state.step))
+        if stop or due:
+            self.checkpoint(sums.read(self.accelerator, config, epoch))
+        if stop:
+            raise Interrupted(state, Path(self.run_dir) / train_state.LAST)
+
+    def end_epoch(self, sums: _DeviceSums, epoch: int, config: TrainConfig, learner, resumed: float,
+                  seconds: float) -> dict:
+        """Score the epoch, record it and checkpoint; `resumed`: the images of the epoch trained before a resume."""
+        totals = sums.read(self.accelerator, config, epoch)
+        val = evaluate_split(self.scored(), learner.val, learner.preprocessing, config.eval_batch_size,
+                             self.accelerator)
+        state = self.state
         metrics = {
             "epoch": epoch + 1,
-            "train/loss": totals[0] / totals[2],
-            "train/accuracy": totals[1] / totals[2],
+            "train/loss": totals.loss / totals.images,
+            "train/accuracy": totals.correct / totals.images,
             "val/loss": val["loss"],
             "val/accuracy": val["accuracy"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_second": totals[3] / max(elapsed, 1e-9),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_second": (totals.images - resumed) / max(seconds, 1e-9),
         }
         best = val["accuracy"] > state.best_accuracy
-        state.epoch, state.step_in_epoch, state.sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+        state.epoch, state.step_in_epoch, state.sums = epoch + 1, 0, RunningSums()
         state.history = state.history + [metrics]
         state.best_accuracy = max(state.best_accuracy, val["accuracy"])
-        path = checkpoint(best)
-        reporter.epoch(metrics)
-        if agree(accelerator, machine.stop, False)[0] and epoch + 1 < config.epochs:
-            raise Interrupted(state, path)
+        self.checkpoint(RunningSums(), best=best, deliver=learner.deliver)
+        return metrics
 
-    final = deliverable(ema.module if ema is not None else unwrap(model))
-    return Result(final, state.history[-1], state, main)
-
-
-def agree(accelerator, stop: threading.Event | None, due: bool) -> tuple[bool, bool]:
-    """Whether any process was asked to stop, and whether any has a checkpoint due: all ranks agree."""
-    flags = [stop is not None and stop.is_set(), due]
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        tensor = torch.tensor(flags, dtype=torch.int32, device=accelerator.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        flags = [bool(v) for v in tensor.tolist()]
-    return flags[0], flags[1]
+    def checkpoint(self, sums: RunningSums, best: bool = False, deliver=None) -> None:
+        """Write last.pt (and on a new best val accuracy, the best model): the main process writes."""
+        self.state.sums = sums
+        if self.accelerator.is_main_process:
+            path, size, seconds = train_state.save(self.run_dir, self.state, self.unwrapped(), self.optimizer,
+                                                   self.scheduler, self.ema)
+            if best:
+                save_model(deliver(self.scored()), Path(self.run_dir) / train_state.BEST)
+            self.reporter.checkpoint(self.state, path, size, seconds)
+        self.accelerator.wait_for_everyone()
+        self.timer.restart(self.state.step)

@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mixer.data import decode_many, find_images, printable
+from mixer.decoding import decode_many
 from mixer.errors import MixerError
 from mixer.model import MlpMixer
 from mixer.preprocess import to_float
+from mixer.sources import find_images, printable
 
 
 def list_images(paths: list[Path]) -> tuple[list[Path], list[dict]]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixer.errors import MixerError
+from mixer.hparams import at_least, check, each, fraction, hp
 from mixer.preprocess import Preprocessing
 
 LAYER_NORM_EPS = 1e-6  # both the official vit_jax code and timm use 1e-6, not torch's 1e-5
@@ -81,37 +82,36 @@ class MixerBlock(nn.Module):
 class MixerConfig:
     """Everything that fixes the architecture; saved as `config.json` beside the weights."""
 
-    image_shape: tuple[int, int] = (224, 224)
-    patch_shape: tuple[int, int] = (16, 16)
-    depth: int = 8
-    dim: int = 512
-    token_hidden: int = 256
-    channel_hidden: int = 2048
-    num_classes: int = 1000
+    image_shape: tuple[int, int] = hp((224, 224), "input height and width", stages="prepare train",
+                                      rule=each(at_least(1)), original=(256, 256))
+    patch_shape: tuple[int, int] = hp((16, 16), "patch height and width", rule=each(at_least(1)),
+                                      original=(16, 16))
+    depth: int = hp(8, "number of Mixer blocks", rule=at_least(1), original=6)
+    dim: int = hp(512, "channels C (hidden width of each patch)", rule=at_least(1), original=512)
+    token_hidden: int | None = hp(None, "token-mixing hidden width D_S (null: dim/2)", rule=at_least(1))
+    channel_hidden: int | None = hp(None, "channel-mixing hidden width D_C (null: 4*dim)", rule=at_least(1))
+    num_classes: int = 1000  # from the data: the params key is the prepare stage's expectation
     in_chans: int = 3
     gelu: str = "exact"  # "exact" (timm, PyTorch) or "tanh" (the official JAX code)
-    dropout: float = 0.0
-    drop_path: float = 0.0
+    dropout: float = hp(0.0, "dropout inside the MLPs", rule=fraction())
+    drop_path: float = hp(0.0, "stochastic depth rate of the last block (0 at the first, linear between)",
+                          rule=fraction())
 
     def __post_init__(self):
-        object.__setattr__(self, "image_shape", tuple(self.image_shape))
-        object.__setattr__(self, "patch_shape", tuple(self.patch_shape))
-        for (name, value) in (("image_shape", self.image_shape), ("patch_shape", self.patch_shape)):
-            if len(value) != 2 or any(not isinstance(v, int) or v < 1 for v in value):
-                raise MixerError(f"{name} must be two positive integers, got {list(value)}")
+        check(self)
+        if self.token_hidden is None:  # the paper's ratios
+            object.__setattr__(self, "token_hidden", self.dim // 2)
+        if self.channel_hidden is None:
+            object.__setattr__(self, "channel_hidden", self.dim * 4)
         if self.image_shape[0] % self.patch_shape[0] or self.image_shape[1] % self.patch_shape[1]:
             raise MixerError(f"image_shape {list(self.image_shape)} is not divisible by "
                              f"patch_shape {list(self.patch_shape)}")
-        for name in ("depth", "dim", "token_hidden", "channel_hidden", "num_classes", "in_chans"):
+        for name in ("num_classes", "in_chans"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise MixerError(f"{name} must be an integer of at least 1, got {value!r}")
         if self.gelu not in ("exact", "tanh"):
             raise MixerError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
-        for name in ("dropout", "drop_path"):
-            value = getattr(self, name)
-            if type(value) not in (int, float) or not 0 <= value < 1:
-                raise MixerError(f"{name} must be a number in [0, 1), got {value!r}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -150,7 +150,9 @@ class MlpMixer(nn.Module):
         c = config
         # A conv with stride = kernel = patch is the paper's per-patch linear embedding.
         self.stem = nn.Conv2d(c.in_chans, c.dim, kernel_size=c.patch_shape, stride=c.patch_shape)
-        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]  # linear rule, as timm
+        # Stochastic depth by the linear decay rule of Huang et al. 2016 (as DeiT): 0 at the first block, drop_path
+        # at the last (timm's MlpMixer gives every block the same rate).
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.Sequential(*[
             MixerBlock(c.num_patches, c.dim, c.token_hidden, c.channel_hidden, c.gelu, c.dropout, rates[i])
             for i in range(c.depth)
@@ -254,9 +256,6 @@ def create_model(variant: str | None = None, **fields_: object) -> MlpMixer:
         settings.pop("token_hidden", None)
         settings.pop("channel_hidden", None)
     settings.update(explicit)
-    dim = settings.get("dim", MixerConfig.dim)
-    settings.setdefault("token_hidden", dim // 2)
-    settings.setdefault("channel_hidden", dim * 4)
     try:
         return MlpMixer(MixerConfig(**settings))
     except TypeError as exc:  # an unknown field name

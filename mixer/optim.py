@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mixer.errors import MixerError
 
@@ -29,8 +30,40 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
     raise MixerError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of the weights, updated after every optimizer step (None: off)."""
-    if decay <= 0:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+class EMA:
+    """An exponential moving average of a model's weights: after each optimizer step
+    ema ← decay·ema + (1 − decay)·weights, the first update copying them (as torch's AveragedModel does).
+
+    Not AveragedModel: its update compares a step counter that lives on the device with 0, a wait for
+    the device every step. Here the counter is a host integer and the update one fused lerp.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        if self.updates == 0:
+            torch._foreach_copy_(mine, theirs)
+        else:
+            torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
+        self.updates += 1
+
+    def to(self, device) -> "EMA":
+        self.module.to(device)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def make_ema(model: nn.Module, decay: float) -> EMA | None:
+    """The weights' EMA, updated after every optimizer step (None: off)."""
+    return EMA(model, decay) if decay > 0 else None

@@ -14,7 +14,6 @@ import hashlib
 import http.client
 import json
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from mixer.checkpoint import CONFIG, FORMAT, WEIGHTS, convert_weights, describe, load_model, save_model, sha256_file
 from mixer.errors import MixerError
+from mixer.files import atomic_write
 from mixer.model import MixerConfig, MlpMixer, check_class_names
 from mixer.preprocess import Preprocessing
 from mixer.resources import check_disk, format_bytes
@@ -229,14 +229,11 @@ def download(url: str, timeout: float = 60.0, time_limit: float | None = None,
     path = folder / name
     fetched = not path.is_file()
     if fetched:
-        tmp = None
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-")
+        def fetch(tmp: Path) -> None:
             limit = _env_number("MIXER_MAX_DOWNLOAD", MAX_DOWNLOAD) if max_bytes is None else max_bytes
             seconds = _env_number("MIXER_DOWNLOAD_TIME_LIMIT", DOWNLOAD_TIME_LIMIT) if time_limit is None else time_limit
             deadline = time.monotonic() + seconds
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(plain, timeout=min(timeout, seconds)) as response:
+            with open(tmp, "wb") as out, urllib.request.urlopen(plain, timeout=min(timeout, seconds)) as response:
                 announced = response.headers.get("Content-Length")
                 if announced is not None and int(announced) > limit:  # refused before a byte is read
                     raise MixerError(f"cannot download {url}: it is {format_bytes(int(announced))}, more than "
@@ -257,13 +254,12 @@ def download(url: str, timeout: float = 60.0, time_limit: float | None = None,
                 if announced is not None and out.tell() != int(announced):
                     raise MixerError(f"cannot download {url}: the connection ended after {out.tell()} of "
                                      f"{announced} bytes; try again")
-            os.replace(tmp, path)
+
+        try:
+            atomic_write(path, fetch, user_error=False)  # the OSErrors are worded below, as a download's
         except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
             raise MixerError(f"cannot download {url} ({reason}); check the address and the network") from None
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
     digest = sha256_file(path)
     if expected is not None and digest != expected.lower():
         if fetched:

@@ -9,7 +9,8 @@ on every batch instead (the same function of each image, recomputed).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,33 +34,44 @@ def eval_frozen(model: nn.Module) -> None:
 
 
 class Features:
-    """A split's features in place of its images: what `Split.batch` gives, a row per image."""
+    """A split's features in place of its images, computed on first use (a finished run never needs them)."""
 
-    def __init__(self, features: Tensor, split: Split):
-        self.features, self.labels = features, split.labels
+    def __init__(self, model: MlpMixer, split: Split, preprocessing: Preprocessing, batch_size: int,
+                 device: str | torch.device):
+        self.labels, self.features = split.labels, None
+        self._compute = lambda: features_of(model, split, preprocessing, batch_size, device)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, rows: np.ndarray, device: str | torch.device) -> tuple[Tensor, Tensor]:
+    def gather(self, rows: np.ndarray, pin: bool = False) -> tuple[Tensor, Tensor]:
+        if self.features is None:
+            self.features = self._compute()
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        return self.features[index].to(device), torch.from_numpy(self.labels[rows]).to(device)
+        return self.features[index], torch.from_numpy(self.labels[rows])
+
+    @staticmethod
+    def on_device(features: Tensor) -> Tensor:
+        return features
+
+    def batch(self, rows: np.ndarray, device: str | torch.device) -> tuple[Tensor, Tensor]:
+        features, labels = self.gather(rows)
+        return features.to(device), labels.to(device)
 
 
 @torch.no_grad()
 def features_of(model: MlpMixer, split: Split, preprocessing: Preprocessing, batch_size: int,
-                device: str | torch.device) -> Features:
+                device: str | torch.device) -> Tensor:
     """Every image's pooled features, in eval mode (`no_grad`, not inference mode: the head's
     backward saves its input)."""
     was_training = model.training
-    model.eval()
+    model.to(device).eval()
     rows = np.arange(len(split))
     chunks = [model.forward_head(model.forward_features(preprocessing.standardize(
         split.batch(rows[i:i + batch_size], device)[0])), pre_logits=True).float().cpu()
         for i in range(0, len(split), batch_size)]
     model.train(was_training)
-    dim = model.config.dim
-    return Features(torch.cat(chunks) if chunks else torch.zeros(0, dim), split)
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.config.dim)
 
 
 class Probe(nn.Module):
@@ -88,3 +100,29 @@ def with_head(model: MlpMixer, probe: nn.Module) -> MlpMixer:
     """The whole model with `probe`'s head (an EMA's copy, or the trained head itself)."""
     model.head = probe.head
     return model
+
+
+def learner(model: MlpMixer, train: Split, val: Split, preprocessing: Preprocessing, batch_size: int,
+            device: str | torch.device, cache: bool) -> Learner:
+    """What the loop trains for `freeze: features`: the head alone on each image's features, computed
+    once (`cache`, only without augmentation: the images must not change between epochs), or the
+    whole model with its other layers frozen and in eval mode."""
+    freeze_features(model)
+    if not cache:
+        return Learner(model, train, val, preprocessing, train_mode=eval_frozen)
+    return Learner(Probe(model.head), Features(model, train, preprocessing, batch_size, device),
+                   Features(model, val, preprocessing, batch_size, device), AS_IS,
+                   deliver=lambda trained: with_head(model, trained), fingerprint={"trains": "head"})
+
+
+@dataclass
+class Learner:
+    """What the training loop trains and on what: by default the model itself, on images."""
+
+    module: nn.Module
+    train: Split | Features
+    val: Split | Features
+    preprocessing: Preprocessing
+    deliver: Callable[[nn.Module], MlpMixer] = lambda trained: trained  # the trained module → the model to save
+    train_mode: Callable[[nn.Module], None] = lambda module: module.train()
+    fingerprint: dict = field(default_factory=dict)  # what the checkpoint holds, when it is not the whole model

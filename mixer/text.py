@@ -6,6 +6,9 @@ hide output or write the clipboard (OSC 52), and a bidi override cannot reorder 
 Markdown it is escaped too (`markdown`), so it renders as the text it is; in a CSV cell a leading
 `=`, `+`, `-`, `@`, tab or CR is neutralised (`spreadsheet_safe`), so a spreadsheet does not run it
 as a formula (OWASP CSV injection). JSON keeps raw strings: its encoder escapes them.
+
+And one spelling of a params value for people (`param_text`): as YAML writes it in a report, as an
+option takes it in a help text.
 """
 
 from __future__ import annotations
@@ -59,6 +62,21 @@ def shown(value: object) -> str:
 def markdown(value: object) -> str:
     """`value` as Markdown text (a table cell too) that renders as itself: no HTML, link, emphasis or cell break."""
     return shown(value).translate(_MARKDOWN)
+
+
+def param_text(value: object, command_line: bool = False) -> str:
+    """A params value as YAML writes it (`null`, `true`, `0.001`, `[256, 256]`), or with `command_line` as
+    its option takes it (`--image-shape 256 256`: a tuple's items space-separated).
+
+    Not escaped: pass the result to `shown` or `markdown` where it may hold a name from outside.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value) if command_line else str(list(value))
+    return str(value)
 
 
 def spreadsheet_safe(cell: object) -> object:

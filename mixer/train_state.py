@@ -14,17 +14,17 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from mixer.checkpoint import atomic_write
 from mixer.errors import MixerError
+from mixer.files import atomic_write
 
 LAST = "last.pt"
 BEST = "best"  # a model directory: the weights of the epoch with the best val accuracy
-FORMAT = 2
+FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,15 @@ class Every:
 
 
 @dataclass
+class RunningSums:
+    """Sums over the images trained on so far in the epoch in progress (all processes')."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    images: float = 0.0
+
+
+@dataclass
 class TrainState:
     """Where a run stands, besides the tensors."""
 
@@ -56,7 +65,7 @@ class TrainState:
     step: int = 0                # optimizer steps done in all
     best_accuracy: float = -1.0
     history: list[dict] = field(default_factory=list)  # one row of metrics per completed epoch
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, correct, images so far this epoch
+    sums: RunningSums = field(default_factory=lambda: RunningSums())  # the epoch in progress, so far
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
@@ -79,7 +88,7 @@ def save(directory: Path, state: TrainState, model, optimizer, scheduler, ema) -
         "position": {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "step": state.step},
         "best_accuracy": state.best_accuracy,
         "history": state.history,
-        "sums": list(state.sums),
+        "sums": asdict(state.sums),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -88,6 +97,10 @@ def save(directory: Path, state: TrainState, model, optimizer, scheduler, ema) -
     path = Path(directory) / LAST
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path, path.stat().st_size, time.perf_counter() - started
+
+
+class OtherVersion(MixerError):
+    """A checkpoint file of another format: another version of mixer wrote it."""
 
 
 def read(directory: Path) -> dict | None:
@@ -103,8 +116,8 @@ def read(directory: Path) -> dict | None:
         raise MixerError(f"{path} is not a readable checkpoint ({type(exc).__name__}); delete it, or train "
                          "with --no-resume to start over") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise MixerError(f"{path} is not a checkpoint of this version of mixer; delete it, or train with "
-                         "--no-resume to start over")
+        raise OtherVersion(f"{path} is not a checkpoint of this version of mixer; delete it, or train with "
+                           "--no-resume to start over")
     return payload
 
 
@@ -118,7 +131,7 @@ def restore(payload: dict, path: Path, model, optimizer, scheduler, ema) -> Trai
             ema.load_state_dict(payload["ema"])
         position = payload["position"]
         return TrainState(payload["fingerprint"], position["epoch"], position["step_in_epoch"], position["step"],
-                          payload["best_accuracy"], payload["history"], list(payload["sums"]))
+                          payload["best_accuracy"], payload["history"], RunningSums(**payload["sums"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise MixerError(f"{path} does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                          "delete it, or train with --no-resume to start over") from None
@@ -138,7 +151,14 @@ def start_or_continue(run_dir: Path, fingerprint: dict, resume: bool | None, epo
     path = run_dir / LAST
     if main:
         remove_temporaries(run_dir)
-    payload = read(run_dir) if resume is not False else None
+    try:
+        payload = read(run_dir) if resume is not False else None
+    except OtherVersion:
+        if resume:
+            raise
+        note(f"starting a new run: {path} is of another version of mixer; it stays until this run writes its "
+             "first checkpoint")
+        return TrainState(fingerprint)
     if payload is None:
         if resume:
             note(f"no checkpoint at {path}: starting from scratch")
@@ -158,18 +178,19 @@ def start_or_continue(run_dir: Path, fingerprint: dict, resume: bool | None, epo
 
 
 class CheckpointTimer:
-    """Says when a mid-epoch checkpoint is due: every N optimizer steps or T seconds."""
+    """Says when a mid-epoch checkpoint is due: every N optimizer steps or T seconds of `clock`
+    (time.monotonic unless given: tests pass a clock of their own)."""
 
-    def __init__(self, every: Every | None, step: int):
-        self.every = every
+    def __init__(self, every: Every | None, step: int, clock: Callable[[], float] | None = None):
+        self.every, self.clock = every, clock or time.monotonic
         self.restart(step)
 
     def restart(self, step: int) -> None:
-        self.step, self.time = step, time.monotonic()
+        self.step, self.time = step, self.clock()
 
     def due(self, step: int) -> bool:
         if self.every is None:
             return False
         if self.every.steps is not None:
             return step - self.step >= self.every.steps
-        return time.monotonic() - self.time >= self.every.seconds
+        return self.clock() - self.time >= self.every.seconds

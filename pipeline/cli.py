@@ -11,18 +11,16 @@ import functools
 import inspect
 import signal
 import sys
-import types
 import typing
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from mixer.errors import MixerError
-from mixer.text import shown
+from mixer.text import param_text, shown
 from pipeline.allocator import keep_freed_memory
-from pipeline.params import PARAMS_FILE, Params, field_info, stage_keys
+from pipeline.params import KEYS, PARAMS_FILE, stage_keys
 
 app = typer.Typer(help="Train MLP-Mixer image classifiers as a reproducible DVC pipeline.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, rich_markup_mode="rich")
@@ -38,26 +36,13 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _show(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, tuple):
-        return " ".join(str(v) for v in value)
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def _override_parameter(name: str, stage: str) -> inspect.Parameter:
     """A keyword option for params key `name`, under both spellings, defaulting to 'not given'."""
-    hints = typing.get_type_hints(Params)
-    kind = hints[name]
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    info = field_info(name)
-    default = next(f.default for f in fields(Params) if f.name == name)
-    text = f"{info['help']} [dim](default {_show(default)}"
-    if info["original"] is not None:
-        text += f"; original train.py: {_show(info['original'])}"
-    text += ")[/dim]"
+    key = KEYS[name]
+    kind = typing.get_args(Optional[key.kind])[0]  # without None: Typer's type
+    text = key.declaration.help
+    if key.declaration.original is not None:
+        text += f" [dim](original train.py: {param_text(key.declaration.original, command_line=True)})[/dim]"
     decls = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
     if kind is bool:
         decls = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
@@ -74,7 +59,7 @@ def stage_command(stage: str, name: str | None = None):
     The decorated function takes `overrides` (key → value given on the command line) plus its own
     options; a `MixerError` anywhere below becomes one line on stderr and exit code 2.
     """
-    keys = stage_keys(stage) + [f.name for f in fields(Params) if f.name not in stage_keys(stage)]
+    keys = stage_keys(stage) + [k for k in KEYS if k not in stage_keys(stage)]
 
     def decorate(func):
         hints = typing.get_type_hints(func, include_extras=True)  # evaluated: Typer reads help and envvar there
@@ -139,23 +124,29 @@ def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
           mixed_precision: Annotated[str, typer.Option(help="no, bf16 or fp16 (keep 'no' on CPU)")] = "no",
           compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
           progress: Annotated[Optional[bool], typer.Option(help="progress bar (default: on a terminal)")] = None,
+          log_every: Annotated[int, typer.Option(
+              help="optimizer steps between reads of the running loss; several processes also agree on a stop "
+                   "or a due checkpoint only then (each read waits for the device)")] = 50,
           ) -> None:
     """Train the Mixer with Accelerate; writes output_dir/ (model.safetensors, config.json) and reports/train/.
 
-    SIGTERM or Ctrl-C: the current step finishes, a checkpoint is written, and the command exits;
-    running it again (or `dvc repro`) continues from there.
+    SIGTERM or Ctrl-C: the current step finishes (with several processes: the next of every
+    --log-every steps), a checkpoint is written, and the command exits; running it again (or
+    `dvc repro`) continues from there.
     """
-    from mixer.engine import Interrupted, Machine
+    from mixer.engine import Machine
     from mixer.train_state import Every
     from pipeline import train as stage
 
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise fail(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
-    machine = Machine(mixed_precision, compile, Every.parse(checkpoint_every))
+    if log_every < 1:
+        raise fail(f"--log-every must be at least 1, got {log_every}")
+    machine = Machine(mixed_precision, compile, Every.parse(checkpoint_every), log_every=log_every)
     try:
         stage.run(params, overrides, machine, resume, progress)
-    except Interrupted as exc:
-        signum = getattr(exc, "signum", 0)
+    except stage.Stopped as exc:
+        signum = exc.signum
         name = signal.Signals(signum).name if signum else "request"
         typer.echo(f"stopped by {name}: {shown(exc)}; run the same command (or dvc repro) to continue", err=True)
         raise typer.Exit(128 + signum) from None

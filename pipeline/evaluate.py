@@ -15,7 +15,7 @@ from mixer.evaluation import split_logits
 from mixer.figures import confusion_figure, learning_curves_figure, mistakes_figure
 from mixer.metrics import score
 from mixer.model import MlpMixer
-from mixer.text import markdown, shown
+from mixer.text import markdown, param_text, shown
 from pipeline.outputs import FIGURES as FIGURES_DIR, REPORT, Plan, Target, writing
 from pipeline.params import Params, load_params
 from pipeline.paths import FIGURES, PREPARED, REPORTS, TRAIN_LOG
@@ -149,7 +149,7 @@ def readme(p: Params, metrics: dict) -> str:
             "optimizer", "lr", "decay", "num_steps", "warmup_step", "scheduler", "seed"]
     # markdown(), not a code span: a value (the `data` path, a checkpoint URL) may hold a backtick, a
     # `|` or HTML, which a code span does not contain; escaped, it renders as the text it is
-    rows = "\n".join(f"| `{k}` | {markdown(_show(getattr(p, k)))} |" for k in keys)
+    rows = "\n".join(f"| `{k}` | {markdown(param_text(getattr(p, k)))} |" for k in keys)
     return f"""# Run report
 
 Written by `mixer evaluate`. Compare with another commit: `dvc metrics diff`, `dvc plots diff`.
@@ -191,8 +191,3 @@ def _provenance(matches_model: bool | None) -> str:
 
 def _cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _show(value) -> str:
-    """A params value as YAML writes it."""
-    return "null" if value is None else str(list(value) if isinstance(value, tuple) else value)

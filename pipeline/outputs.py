@@ -38,13 +38,12 @@ from typing import Callable, Iterable, Iterator
 from filelock import FileLock, Timeout
 
 from mixer.checkpoint import CONFIG, FORMAT, WEIGHTS
-from mixer.data import IMAGES, INFO, MANIFEST, file_kind
+from mixer.data import IMAGES, INFO, MANIFEST
 from mixer.errors import MixerError
+from mixer.files import atomic_write, file_kind
 from mixer.inference import ONNX_FILE, columns_for
 from mixer.text import decoded
 from mixer.train_state import BEST, LAST
-
-RECORD_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 
 
 # ---- kinds of artifact -----------------------------------------------------------------------
@@ -328,16 +327,9 @@ class Record:
         self.write()
 
     def write(self) -> None:
-        """Replace the record at once: written beside, renamed over (a link there is replaced, never followed)."""
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, RECORD_FLAGS, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.data, f)
-        os.replace(tmp, self.path)
+        """Replace the record at once: a private temporary beside it, renamed over (a link there is
+        replaced, never followed); an OSError is raised as it is, for the caller to word."""
+        atomic_write(self.path, json.dumps(self.data), user_error=False)
 
     def clear(self) -> None:
         """The writer finished: nothing of its is left to clean up."""

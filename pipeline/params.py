@@ -1,108 +1,108 @@
 """params.yaml → one frozen, validated `Params`; the only place that reads the file.
 
-Every key is a field here, with its type, its help and the stages that use it. Loading checks
-everything up front; a bad value raises `MixerError` naming the key, which the CLI prints as one
-line with exit code 2 before any work is done or anything is overwritten.
+Each key is declared once, on the library config that uses it (`mixer.hparams.hp`): MixerConfig,
+TrainConfig, AugmentConfig, PrepareConfig, and `Project` below for the keys the pipeline itself
+interprets. `Params` is derived from those declarations, flat, as params.yaml is, so
+`dvc exp run -S depth=8` names a key as written. So are the CLI's options (pipeline/cli.py), the
+README's table and dvc.yaml's per-stage lists (`python -m pipeline.params --sync` writes them; a test
+keeps them in step). Loading checks everything up front; a bad value raises `MixerError` naming the
+key, which the CLI prints as one line with exit code 2 before any work is done.
 """
 
 from __future__ import annotations
 
-import functools
-import math
+import dataclasses
 import re
-import types
-import typing
-from dataclasses import dataclass, field, fields
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from mixer import hparams
+from mixer.augment import AugmentConfig
+from mixer.data import PrepareConfig
+from mixer.engine import TrainConfig
 from mixer.errors import MixerError
+from mixer.hparams import Key, hp, one_of
 from mixer.model import VARIANTS, MixerConfig
-from mixer.preprocess import RESIZE_POLICIES
 from mixer.pretrained import pretrained_config
 from mixer.text import shown
 
 PARAMS_FILE = Path("params.yaml")
 
 
-def _p(default, help: str, stages: str, original=None):
-    """A params field: its default (the committed params.yaml's), help, and the stages that read it."""
-    # Runs at import only, before any mutant can be switched on: mutating it tests nothing.
-    meta = {"help": help, "stages": tuple(stages.split()), "original": original}  # pragma: no mutate
-    return field(default=default, metadata=meta)  # pragma: no mutate
-
-
 @dataclass(frozen=True)
-class Params:
-    # data
-    data: str = _p("digits", "data source: 'digits' (embedded) or an image folder", "prepare")
-    seed: int = _p(0, "seed for the split, initialisation, shuffling and augmentation", "prepare train")
-    val_fraction: float = _p(0.1, "share of each class held out for validation", "prepare")
-    test_fraction: float = _p(0.2, "share of each class held out for the test", "prepare")
-    resize: str = _p("stretch", "stretch to image_shape, or center_crop after resizing the shorter side",
-                     "prepare")
-    strict: bool = _p(False, "stop at an undecodable image instead of skipping and reporting it", "prepare")
-    drop_duplicates: bool = _p(True, "drop images whose content already appears in an earlier split",
-                               "prepare")
-    # the 14 options of the original train.py, same names
-    image_shape: tuple[int, int] = _p((12, 12), "input height and width", "prepare train", (256, 256))
-    patch_shape: tuple[int, int] = _p((3, 3), "patch height and width", "train", (16, 16))
-    depth: int = _p(4, "number of Mixer blocks", "train", 6)
-    dim: int = _p(128, "channels C (hidden width of each patch)", "train", 512)
-    num_classes: int | None = _p(10, "number of classes (null: from the data)", "prepare train", 120)
-    checkpoint: str | None = _p(None, "weights to fine-tune: a model directory, a weights file, "
+class Project:
+    """The keys the pipeline itself interprets: where data and weights come from and go to."""
+
+    data: str = hp("digits", "data source: 'digits' (embedded), an image folder or a CSV", stages="prepare")
+    checkpoint: str | None = hp(None, "weights to fine-tune: a model directory, a weights file, "
                                 "hf-hub:owner/name[@revision] or an https:// URL; its input size wins "
-                                "over image_shape", "prepare train", None)
-    freeze: str = _p("none", "none: train every weight; features: train only the head (a linear probe of "
-                     "the checkpoint's features)", "train")
-    output_dir: str = _p("output", "where the trained model is written", "train evaluate", "output/")
-    batch_size: int = _p(64, "images per optimizer step and process", "train", 16)
-    lr: float = _p(3.0e-3, "peak learning rate", "train", 1.0e-3)
-    momentum: float = _p(0.9, "SGD momentum (also AdamW's beta1)", "train", 0.9)
-    decay: float = _p(0.05, "weight decay (not applied to norms and biases)", "train", 0.0)
-    num_steps: int = _p(40, "training epochs", "train", 30)
-    warmup_step: int = _p(3, "linear warm-up epochs", "train", 10)
-    scheduler: str = _p("cosine", "decay after warm-up: cosine or linear", "train", "cosine")
-    # architecture beyond the original flags
-    variant: str | None = _p(None, f"paper variant ({' '.join(VARIANTS)}): sets patch_shape, depth, dim "
-                             "and the hidden widths; token_hidden/channel_hidden still apply", "train")
-    token_hidden: int | None = _p(None, "token-mixing hidden width D_S (null: dim/2)", "train")
-    channel_hidden: int | None = _p(None, "channel-mixing hidden width D_C (null: 4*dim)", "train")
-    dropout: float = _p(0.0, "dropout inside the MLPs", "train")
-    drop_path: float = _p(0.0, "stochastic depth rate of the last block", "train")
-    # optimisation
-    optimizer: str = _p("adamw", "sgd (with momentum) or adamw (betas momentum, 0.999)", "train", "sgd")
-    min_lr: float = _p(0.0, "learning-rate floor at the end of the decay", "train")
-    clip_grad: float = _p(1.0, "clip gradients to this global norm (0: off)", "train")
-    label_smoothing: float = _p(0.0, "label smoothing of the cross-entropy", "train")
-    grad_accum: int = _p(1, "micro-batches accumulated per optimizer step", "train")
-    ema_decay: float = _p(0.0, "EMA of weights per step (0: off); the EMA is evaluated and saved", "train")
-    # augmentation (train only, on the training device)
-    hflip: float = _p(0.0, "probability of a horizontal flip", "train")
-    crop_scale: tuple[float, float] = _p((0.6, 1.0), "random resized crop area range ([1, 1]: off)",
-                                         "train")
-    crop_ratio: tuple[float, float] = _p((0.8, 1.25), "random resized crop aspect range", "train")
-    randaugment_n: int = _p(0, "RandAugment: operations per image (0: off)", "train")
-    randaugment_m: int = _p(9, "RandAugment: magnitude 0..30", "train")
-    mixup: float = _p(0.0, "mixup alpha (0: off)", "train")
-    cutmix: float = _p(0.0, "cutmix alpha (0: off)", "train")
-    # evaluation
-    eval_batch_size: int = _p(256, "images per batch when evaluating", "train evaluate")
+                                "over image_shape", stages="prepare train")
+    output_dir: str = hp("output", "where the trained model is written", stages="train evaluate",
+                         affects=False, original="output/")
+    variant: str | None = hp(None, f"paper variant ({' '.join(VARIANTS)}): sets patch_shape, depth, dim and the "
+                             "hidden widths; token_hidden/channel_hidden still apply", rule=one_of(*VARIANTS))
 
-    def __post_init__(self):
-        for f in fields(self):
-            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name)))
-        _validate(self)
 
-    def for_stage(self, stage: str) -> dict:
-        """The params a stage reads, as plain values."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if stage in f.metadata["stages"]}
+CONFIGS = (Project, PrepareConfig, MixerConfig, TrainConfig, AugmentConfig)
+
+
+def _declared() -> dict[str, Key]:
+    found: dict[str, Key] = {}
+    for config in CONFIGS:
+        for key in hparams.keys(config):
+            if key.name in found:
+                raise TypeError(f"{key.name} is declared twice: {found[key.name].owner.__name__}, {config.__name__}")
+            found[key.name] = key
+    return found
+
+
+KEYS: dict[str, Key] = _declared()
+STAGES = ("prepare", "train", "evaluate")
+
+
+def _post_init(self) -> None:
+    for key in KEYS.values():
+        object.__setattr__(self, key.name, hparams.validate(key, getattr(self, key.name)))
+    values = dataclasses.asdict(self)
+    # each config's checks across its fields (min_lr <= lr, the split's shares, crop ranges)
+    hparams.build(PrepareConfig, values)
+    hparams.build(TrainConfig, values)
+    if self.variant is None and self.checkpoint is None:  # else the architecture comes from them
+        hparams.build(MixerConfig, values, num_classes=2)
+    if self.freeze != "none" and self.checkpoint is None:
+        raise MixerError("freeze: features trains only the head, so it needs a checkpoint to take the features from")
+
+
+def _for_stage(self, stage: str) -> dict:
+    """The params a stage reads, as plain values."""
+    return {k: getattr(self, k) for k in stage_keys(stage) if stage != "check"}
+
+
+Params = dataclasses.make_dataclass(
+    "Params", [(k.name, k.kind, dataclasses.field(default=k.default)) for k in KEYS.values()], frozen=True,
+    namespace={"__post_init__": _post_init, "for_stage": _for_stage, "__module__": __name__,
+               "__doc__": "Every params.yaml key, validated (derived from the declarations: see the module)."})
 
 
 def stage_keys(stage: str) -> list[str]:
     """Names of the params a stage reads (what dvc.yaml lists for it); `check` reads them all."""
-    return [f.name for f in fields(Params) if stage in f.metadata["stages"] or stage == "check"]
+    return [k.name for k in KEYS.values() if stage in k.declaration.stages or stage == "check"]
+
+
+def fingerprint_keys() -> list[str]:
+    """The train params that decide a run's result (a resume continues only the same values). Not
+    batch_size: the engine records the global batch, so a run may continue on another number of processes."""
+    return [k.name for k in KEYS.values()
+            if "train" in k.declaration.stages and k.declaration.affects and k.name != "batch_size"]
+
+
+def build(config: type, p, **given):
+    """A library config from the params (`mixer.hparams.build`)."""
+    return hparams.build(config, dataclasses.asdict(p), **given)
 
 
 def input_shape(p: Params, checkpoint_config: MixerConfig | None = None) -> tuple[int, int]:
@@ -116,96 +116,6 @@ def input_shape(p: Params, checkpoint_config: MixerConfig | None = None) -> tupl
         print(f"note: image_shape {list(shape)} from checkpoint {shown(p.checkpoint)} "
               f"(params say {list(p.image_shape)})")
     return shape
-
-
-def field_info(name: str) -> dict:
-    return next(f for f in fields(Params) if f.name == name).metadata
-
-
-@functools.cache
-def _field_types() -> dict:
-    """Each field's type (the annotations are strings until resolved, once)."""
-    return typing.get_type_hints(Params)
-
-
-def _check(key: str, value):
-    """Coerce `value` to the field's type or raise a one-line error naming the key."""
-    kind = _field_types()[key]
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        kind = next(a for a in args if a is not type(None))
-        args = typing.get_args(kind)
-    if typing.get_origin(kind) is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise MixerError(f"{key} must be a list of {len(args)} numbers, got {value!r}")
-        return tuple(_scalar(f"{key}[{i}]", v, t) for (i, (v, t)) in enumerate(zip(value, args)))
-    return _scalar(key, value, kind)
-
-
-def _scalar(key: str, value, kind):
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise MixerError(f"{key} must be true or false, got {value!r}")
-        return value
-    if kind in (int, float) and isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-        raise MixerError(f"{key}: YAML reads {value!r} as a string; write it with a decimal point, "
-                         f"e.g. {float(value):.1e}")
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise MixerError(f"{key} must be an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise MixerError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str) or not value:
-        raise MixerError(f"{key} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _validate(p: Params) -> None:
-    def need(ok: bool, message: str):
-        if not ok:
-            raise MixerError(message)
-
-    for key in ("depth", "dim", "batch_size", "eval_batch_size", "num_steps", "grad_accum"):
-        need(getattr(p, key) >= 1, f"{key} must be at least 1, got {getattr(p, key)}")
-    need(p.num_classes is None or p.num_classes >= 2, f"num_classes must be at least 2 or null, got {p.num_classes}")
-    for key in ("token_hidden", "channel_hidden"):
-        need(getattr(p, key) is None or getattr(p, key) >= 1, f"{key} must be at least 1 or null")
-    need(all(v >= 1 for v in p.image_shape), f"image_shape must be positive, got {list(p.image_shape)}")
-    need(all(v >= 1 for v in p.patch_shape), f"patch_shape must be positive, got {list(p.patch_shape)}")
-    if p.variant is None and p.checkpoint is None:  # a checkpoint brings its own input size and patches
-        need(p.image_shape[0] % p.patch_shape[0] == 0 and p.image_shape[1] % p.patch_shape[1] == 0,
-             f"image_shape {list(p.image_shape)} is not divisible by patch_shape {list(p.patch_shape)}")
-    if p.variant is not None:
-        need(p.variant in VARIANTS, f"variant must be one of {' '.join(VARIANTS)} or null, got {p.variant!r}")
-    need(p.warmup_step >= 0, f"warmup_step must be 0 or more, got {p.warmup_step}")
-    need(p.scheduler in ("cosine", "linear"), f"scheduler must be 'cosine' or 'linear', got {p.scheduler!r}")
-    need(p.freeze in ("none", "features"), f"freeze must be 'none' or 'features', got {p.freeze!r}")
-    need(p.freeze == "none" or p.checkpoint is not None,
-         "freeze: features trains only the head, so it needs a checkpoint to take the features from")
-    need(p.optimizer in ("sgd", "adamw"), f"optimizer must be 'sgd' or 'adamw', got {p.optimizer!r}")
-    need(p.resize in RESIZE_POLICIES, f"resize must be {' or '.join(map(repr, RESIZE_POLICIES))}, got {p.resize!r}")
-    need(0 <= p.seed < 2**32, f"seed must be in 0 .. 2**32 - 1, got {p.seed}")
-    need(p.lr > 0, f"lr must be positive, got {p.lr}")
-    need(0 <= p.min_lr <= p.lr, f"min_lr must be between 0 and lr ({p.lr}), got {p.min_lr}")
-    need(0 <= p.momentum < 1, f"momentum must be in [0, 1), got {p.momentum}")
-    for key in ("decay", "clip_grad", "mixup", "cutmix"):
-        need(getattr(p, key) >= 0, f"{key} must be 0 or more, got {getattr(p, key)}")
-    for key in ("label_smoothing", "dropout", "drop_path", "hflip", "ema_decay"):
-        need(0 <= getattr(p, key) < 1 or (key == "hflip" and p.hflip == 1),
-             f"{key} must be in [0, 1), got {getattr(p, key)}")
-    need(0 < p.val_fraction < 1 and 0 < p.test_fraction < 1 and p.val_fraction + p.test_fraction < 1,
-         f"val_fraction + test_fraction must leave a training share, got {p.val_fraction} + {p.test_fraction}")
-    lo, hi = p.crop_scale
-    need(0 < lo <= hi <= 1, f"crop_scale must satisfy 0 < low <= high <= 1, got {list(p.crop_scale)}")
-    lo, hi = p.crop_ratio
-    need(0 < lo <= hi, f"crop_ratio must satisfy 0 < low <= high, got {list(p.crop_ratio)}")
-    need(p.randaugment_n >= 0, f"randaugment_n must be 0 or more, got {p.randaugment_n}")
-    need(0 <= p.randaugment_m <= 30, f"randaugment_m must be in 0..30, got {p.randaugment_m}")
 
 
 class _Loader(yaml.SafeLoader):
@@ -253,15 +163,121 @@ def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None) -> Para
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise MixerError(f"{path} must be a mapping of keys to values")
-    known = {f.name for f in fields(Params)}
+    known = set(KEYS)
     unknown = sorted(map(str, set(raw) - known))
     if unknown:
         raise MixerError(f"{path}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
     missing = sorted(known - set(raw))
     if missing:
         raise MixerError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
-    raw.update({k: v for (k, v) in (overrides or {}).items() if v is not None})
+    raw.update(overrides or {})
     try:
         return Params(**raw)
     except MixerError as exc:
         raise MixerError(f"{path}: {exc}") from None
+
+
+# ---- what is derived from the declarations and kept in files: `python -m pipeline.params --sync` ----
+
+TABLE_START, TABLE_END = "<!-- params-table:start -->", "<!-- params-table:end -->"
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True,
+                          width=1000).strip().removesuffix("...").strip()
+
+
+def markdown_table(values: dict) -> str:
+    """The README's table of keys: stages, the value in `values` (params.yaml's), the original's, accepted."""
+    rows = ["| key | stages | params.yaml | original train.py | meaning (accepted) |", "| --- | --- | --- | --- | --- |"]
+    for key in KEYS.values():
+        d = key.declaration
+        accepted = ([d.rule.text] if d.rule is not None else []) + (["null"] if key.nullable else [])
+        original = f"`{_yaml_value(d.original)}`" if d.original is not None else ""
+        meaning = d.help.replace("|", "\\|") + (f" ({', '.join(accepted)})" if accepted else "")
+        rows.append(f"| `{key.name}` | {' '.join(d.stages)} | `{_yaml_value(values.get(key.name))}` | {original} | "
+                    f"{meaning} |")
+    return "\n".join(rows)
+
+
+# Modules a stage imports only because params.yaml is validated whole, with each key's declaration on
+# the config that uses it: the stage's outputs cannot depend on them, and listing them would re-run
+# prepare whenever the training loop changes. `check`, the first stage, depends on them all.
+DECLARATIONS_ONLY = {
+    "prepare": {"mixer/augment.py", "mixer/engine.py", "mixer/evaluation.py", "mixer/optim.py", "mixer/probe.py",
+                "mixer/schedule.py"},
+    "evaluate": {"mixer/augment.py", "mixer/engine.py", "mixer/optim.py", "mixer/probe.py", "mixer/schedule.py"},
+}
+
+
+def stage_code(root: Path, stage: str) -> list[str]:
+    """The project's modules `pipeline.<stage>` runs (dvc.yaml's code deps for it), found by importing it."""
+    script = (f"import sys, pipeline.{stage}; print('\\n'.join(m.__file__ for (n, m) in sys.modules.items() "
+              "if n.split('.')[0] in ('mixer', 'pipeline') and getattr(m, '__file__', None)))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True).stdout
+    files = {Path(f).resolve().relative_to(root.resolve()).as_posix() for f in out.splitlines()}
+    return sorted(f for f in files if not f.endswith("__init__.py") and f not in DECLARATIONS_ONLY.get(stage, ()))
+
+
+def _dvc_list(text: str, stage: str, name: str, entries) -> str:
+    """dvc.yaml's text with `stage`'s `name:` list made by `entries(old list)` (the rest, comments included, as is)."""
+    pattern = re.compile(rf"(^  {re.escape(stage)}:\n(?:(?!  \S).*\n|\n)*?    {name}:\n)((?:      - .*\n)+)", re.M)
+    match = pattern.search(text)
+    if match is None:
+        raise MixerError(f"dvc.yaml: stage {stage} has no {name} list")
+    old = [line.removeprefix("      - ") for line in match.group(2).splitlines()]
+    return text[:match.start(2)] + "".join(f"      - {e}\n" for e in entries(old)) + text[match.end(2):]
+
+
+def _code_first(code: list[str]):
+    """A deps list with its code entries replaced by `code`, where the first of them stood."""
+    def entries(old: list[str]) -> list[str]:
+        is_code = [e.startswith(("mixer/", "pipeline/")) and e.endswith(".py") for e in old]
+        at = is_code.index(True) if True in is_code else 0
+        rest = [e for (e, c) in zip(old, is_code) if not c]
+        return rest[:at] + code + rest[at:]
+    return entries
+
+
+def synced(root: Path) -> dict[Path, str]:
+    """Each derived file's text as the declarations make it (README table, dvc.yaml lists, presets' keys)."""
+    out = {}
+    values = read_yaml(root / PARAMS_FILE)
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    if TABLE_START in readme and TABLE_END in readme:
+        head, rest = readme.split(TABLE_START, 1)
+        out[root / "README.md"] = f"{head}{TABLE_START}\n{markdown_table(values)}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+    dvc = (root / "dvc.yaml").read_text(encoding="utf-8")
+    for stage in ("check", *STAGES):
+        dvc = _dvc_list(dvc, stage, "params", lambda old: stage_keys(stage))
+        dvc = _dvc_list(dvc, stage, "deps", _code_first(stage_code(root, stage)))
+    out[root / "dvc.yaml"] = dvc
+    for preset in sorted((root / "presets").glob("*.yaml")):  # a new key joins each preset at its default
+        text = preset.read_text(encoding="utf-8")
+        missing = [k for k in KEYS.values() if k.name not in (read_yaml(preset) or {})]
+        out[preset] = text + "".join(f"{k.name}: {_yaml_value(k.default)}\n" for k in missing)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """--check: exit 1 when a derived file is out of step; --sync: rewrite them; --table: print the table."""
+    root = Path.cwd()
+    if argv == ["--table"]:
+        print(markdown_table(read_yaml(root / PARAMS_FILE)))
+        return 0
+    stale = {path: text for (path, text) in synced(root).items() if path.read_text(encoding="utf-8") != text}
+    if argv == ["--sync"]:
+        for (path, text) in stale.items():
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path.relative_to(root)}")
+        return 0
+    if argv == ["--check"]:
+        for path in stale:
+            print(f"{path.relative_to(root)} is out of step with the declarations: run python -m pipeline.params --sync")
+        return 1 if stale else 0
+    print("usage: python -m pipeline.params --check | --sync | --table", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from mixer.data import PrepareConfig, open_source, prepare
+from mixer.data import PrepareConfig, prepare
 from mixer.errors import MixerError
 from mixer.resources import check_prepare_disk
+from mixer.sources import open_source
 from pipeline.outputs import PREPARED as CACHE, REPORT, Plan, Target, writing
-from pipeline.params import Params, input_shape, load_params
+from pipeline.params import Params, build, input_shape, load_params
 from pipeline.paths import DATA_REPORT, PREPARED
 
 
@@ -28,9 +29,7 @@ def run(params_file: Path, overrides: dict, workers: int) -> dict:
     plan(p).verify()  # before any work
     if workers < 1:
         raise MixerError(f"--workers must be at least 1, got {workers}")
-    config = PrepareConfig(image_shape=input_shape(p), resize=p.resize, val_fraction=p.val_fraction,
-                           test_fraction=p.test_fraction, seed=p.seed, num_classes=p.num_classes,
-                           strict=p.strict, drop_duplicates=p.drop_duplicates)
+    config = build(PrepareConfig, p, image_shape=input_shape(p))
     with writing("mixer prepare", plan(p)) as staging, tempfile.TemporaryDirectory() as scratch:
         cache, data_report = staging.dir(PREPARED), staging.file(DATA_REPORT)
         source = open_source(p.data, Path(scratch))

@@ -29,9 +29,13 @@ class ConsoleReporter(Reporter):
                                       epoch=state.epoch + 1, loss=math.nan)
         self.bar.start()
 
-    def step(self, state: TrainState, loss: float) -> None:
+    def step(self, state: TrainState) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=state.step, epoch=state.epoch + 1, loss=loss)
+            self.bar.update(self.task, completed=state.step, epoch=state.epoch + 1)
+
+    def progress(self, state: TrainState, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, loss=loss)
 
     def epoch(self, m: dict) -> None:
         self.line(f"epoch {m['epoch']}: train loss {m['train/loss']:.4f} acc {m['train/accuracy']:.4f} | "

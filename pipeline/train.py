@@ -19,12 +19,11 @@ from typing import Iterator
 
 import torch
 
-from mixer.augment import AugmentConfig
 from mixer.checkpoint import save_model
 from mixer.data import Prepared, open_prepared
 from mixer.engine import Interrupted, Machine, TrainConfig, steps_per_epoch, train
 from mixer.errors import MixerError
-from mixer.model import MixerConfig, MlpMixer, create_model
+from mixer.model import MixerConfig, MlpMixer, variant_fields
 from mixer.pretrained import is_remote, load_pretrained, pretrained_config
 from mixer.resources import check_training_memory
 from mixer.preprocess import Preprocessing
@@ -32,39 +31,22 @@ from mixer.text import shown
 from mixer.train_state import TrainState
 from pipeline.orphan import stop_when_dvc_dies
 from pipeline.outputs import MODEL, RUN, TRAIN_LOG as LOG, Plan, Target, project_places, writing
-from pipeline.params import Params, input_shape, load_params, stage_keys
+from pipeline.params import Params, build, fingerprint_keys, input_shape, load_params
 from pipeline.paths import CHECKPOINTS, PREPARED, TRAIN_LOG
 from pipeline.progress import ConsoleReporter
 
-# train params that do not decide the result: where it goes, how evaluation batches, and the
-# per-process batch (the fingerprint holds the global batch, so the number of processes may change)
-NOT_IN_FINGERPRINT = ("output_dir", "eval_batch_size", "batch_size")
-
-
 def train_config(p: Params) -> TrainConfig:
-    """The run's hyperparameters, from params.yaml names to the engine's."""
-    return TrainConfig(
-        epochs=p.num_steps, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer, momentum=p.momentum,
-        weight_decay=p.decay, warmup_epochs=p.warmup_step, scheduler=p.scheduler, min_lr=p.min_lr,
-        clip_grad=p.clip_grad, label_smoothing=p.label_smoothing, grad_accum=p.grad_accum,
-        ema_decay=p.ema_decay, seed=p.seed, eval_batch_size=p.eval_batch_size,
-        augment=AugmentConfig(hflip=p.hflip, crop_scale=p.crop_scale, crop_ratio=p.crop_ratio,
-                              randaugment_n=p.randaugment_n, randaugment_m=p.randaugment_m,
-                              mixup=p.mixup, cutmix=p.cutmix),
-        freeze_features=p.freeze == "features",
-    )
+    """The run's hyperparameters: TrainConfig's declared keys, from the params."""
+    return build(TrainConfig, p)
 
 
 def architecture(p: Params, num_classes: int, image_shape: tuple[int, int]) -> MixerConfig:
-    """The architecture the params ask for (a paper variant and/or explicit fields)."""
-    fields = dict(image_shape=image_shape, depth=p.depth, dim=p.dim, num_classes=num_classes,
-                  token_hidden=p.token_hidden, channel_hidden=p.channel_hidden, dropout=p.dropout,
-                  drop_path=p.drop_path)
-    if p.variant is None:
-        fields["patch_shape"] = p.patch_shape
-    else:  # the variant fixes patch, depth, dim and widths; explicit hidden widths still win
-        fields = {k: v for (k, v) in fields.items() if k not in ("depth", "dim")}
-    return create_model(p.variant, **fields).config
+    """The architecture the params ask for: their fields, or a paper variant's (hidden widths given still win)."""
+    fixed = variant_fields(p.variant) if p.variant is not None else {}
+    for key in ("token_hidden", "channel_hidden"):
+        if getattr(p, key) is not None:
+            fixed.pop(key, None)
+    return build(MixerConfig, p, image_shape=image_shape, num_classes=num_classes, **fixed)
 
 
 def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 1) -> int:
@@ -77,8 +59,7 @@ def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 
         have = pretrained_config(p.checkpoint)
         config = replace(have, num_classes=p.num_classes or have.num_classes)
     elif config is None:
-        with torch.device("meta"):  # the architecture only: no weights allocated, none initialised
-            config = architecture(p, p.num_classes or 1000, p.image_shape)
+        config = architecture(p, p.num_classes or 1000, p.image_shape)
     return check_training_memory(config, p.batch_size, variant=p.variant if p.checkpoint is None else None,
                                  optimizer=p.optimizer, ema=p.ema_decay > 0, frozen=p.freeze == "features",
                                  processes=processes)
@@ -86,7 +67,8 @@ def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 
 
 def build_model(p: Params, classes: list[str], resize: str, image_shape: tuple[int, int],
                 pretrained: MlpMixer | None) -> MlpMixer:
-    """A fresh Mixer from the params, or the loaded `checkpoint` (mixer.pretrained) to fine-tune."""
+    """A fresh Mixer from the params, initialised from `seed`, or the loaded `checkpoint` (mixer.pretrained)."""
+    torch.manual_seed(p.seed)  # the initialisation (and a new head's): the same on every rank and every run
     if pretrained is None:
         return MlpMixer(architecture(p, len(classes), image_shape), classes, Preprocessing(resize))
     model = adapt_for_finetuning(pretrained.train(), p, classes)
@@ -109,7 +91,7 @@ def adapt_for_finetuning(model: MlpMixer, p: Params, classes: list[str]) -> MlpM
 
 def fingerprint(p: Params, prepared: Prepared, model: MlpMixer) -> dict:
     """What decides the result of a run: the params that do, the prepared data, the starting weights."""
-    values = {k: getattr(p, k) for k in stage_keys("train") if k not in NOT_IN_FINGERPRINT}
+    values = {k: getattr(p, k) for k in fingerprint_keys()}
     values = {k: list(v) if isinstance(v, tuple) else v for (k, v) in values.items()}
     values["prepared_data"] = prepared.data_hash
     if model.source is not None:
@@ -172,6 +154,15 @@ class LiveReporter(ConsoleReporter):
 
     def end(self) -> None:
         self.live.end()
+
+
+class Stopped(Exception):
+    """Training stopped on a signal, after writing a checkpoint; the CLI exits with 128 + `signum`, as a
+    shell does for a command the signal killed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 class Stop(threading.Event):
@@ -247,7 +238,6 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     check_prepared(p, prepared, image_shape)
     # before the model is built (it alone may not fit); the ranks on this machine share its RAM
     check_memory(p, pretrained and pretrained.config, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.manual_seed(p.seed)  # the initialisation: the same on every rank and every run
     model = build_model(p, prepared.classes, prepared.resize, image_shape, pretrained)
     train_split, val_split = prepared.split("train"), prepared.split("val")
     config = train_config(p)
@@ -270,8 +260,7 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
                            trained_on=trained_on(p, prepared))
                 reporter.end()
         except Interrupted as exc:
-            exc.signum = stop.signum  # the CLI exits with 128 + it, as the shell does for a killed command
-            raise
+            raise Stopped(str(exc), stop.signum) from None
         finally:
             if reporter is not None:
                 reporter.close()

@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, make_image_folder
-from mixer.data import (PrepareConfig, decode, export_digits, load_split, open_prepared, open_source, prepare,
-                        read_csv, scan_folder, shrink)
+from mixer.data import PrepareConfig, load_split, open_prepared, prepare
+from mixer.decoding import decode, shrink
 from mixer.errors import MixerError
+from mixer.sources import export_digits, open_source, read_csv, scan_folder
 
 
 def config(**kw):
@@ -352,7 +353,7 @@ def test_csv_repeated_rows_count_once_and_conflicting_labels_are_reported(tmp_pa
 MEASURE = """
 import resource, sys
 sys.path.insert(0, {root!r})
-from mixer.data import decode
+from mixer.decoding import decode
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 array, _ = decode({path!r}, (16, 16))
 assert array.shape == (16, 16, 3)

@@ -4,24 +4,21 @@ to continue another run's."""
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from mixer import train_state
+from mixer import engine, train_state
 from mixer.augment import AugmentConfig
 from mixer.checkpoint import load_model
 from mixer.data import Split
-from mixer.engine import Interrupted, Machine, Reporter, epoch_batches, train
+from mixer.engine import Interrupted, Machine, Reporter, TrainConfig, epoch_batches, train
 from mixer.errors import MixerError
 from mixer.model import create_model
 from mixer.optim import build_optimizer, make_ema, param_groups
 from mixer.preprocess import Preprocessing
-from mixer.train_state import Every
-from pipeline.params import Params
-from pipeline.train import train_config
+from mixer.train_state import CheckpointTimer, Every
 
 PREP = Preprocessing()
 
@@ -40,9 +37,8 @@ def tiny_split(n=48, classes=3, seed=0):
 
 
 def config(**kw):
-    """The committed params' run, shrunk: every field comes from params.yaml's defaults unless given."""
-    base = train_config(Params())
-    return replace(base, **{"epochs": 3, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 1, "seed": 5,
+    """The library's default run, shrunk: every field has its declared default unless given."""
+    return TrainConfig(**{"epochs": 3, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 1, "seed": 5,
                             "augment": AugmentConfig(), **kw})
 
 
@@ -61,7 +57,7 @@ class Record(Reporter):
     def start(self, state, epochs, steps_per_epoch):
         self.history_at_start = [m["epoch"] for m in state.history]
 
-    def step(self, state, loss):
+    def step(self, state):
         self.steps.append(state.step)
         if state.step == self.crash_at:
             raise Crash
@@ -262,7 +258,7 @@ def test_ema_update_matches_the_formula():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update_parameters(model)  # first update copies (torch's AveragedModel starts from the model)
+    ema.update_parameters(model)  # the first update copies the weights
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -285,10 +281,20 @@ def test_bad_checkpoint_intervals(text):
         Every.parse(text)
 
 
-def test_time_based_checkpoints_happen_inside_epochs(tmp_path):
-    record = Record()
-    run(tmp_path / "run", config(epochs=1), reporter=record, every=Every(seconds=0.001))  # each step takes longer
-    assert record.checkpoints == [(0, k, k) for k in range(1, 6)] + [(1, 0, 6)]
+def test_time_based_checkpoints_happen_inside_epochs(tmp_path, monkeypatch):
+    """The loop's timer reads a clock that only the steps move: 1 s a step, whatever the machine's speed."""
+    now = [0.0]
+
+    class Ticking(Record):
+        def step(self, state):
+            now[0] += 1.0
+            super().step(state)
+
+    monkeypatch.setattr(engine, "CheckpointTimer", lambda every, step: CheckpointTimer(every, step, lambda: now[0]))
+    record = Ticking()
+    run(tmp_path / "run", config(epochs=2), reporter=record, every=Every(seconds=2.5))
+    # due 2.5 s after the last checkpoint: at step 3, then 9 (three steps after epoch 1's end at 6)
+    assert record.checkpoints == [(0, 3, 3), (1, 0, 6), (1, 3, 9), (2, 0, 12)]
 
 
 def test_checkpoint_file_holds_the_fingerprint_and_position(tmp_path):
@@ -307,7 +313,7 @@ def probe_run(folder, cache=True, cfg=None, reporter=None, calls=None):
     with torch.no_grad():
         model.head.weight.normal_(0, 0.1)
     before = {k: v.clone() for (k, v) in model.state_dict().items()}
-    result = train(model, tiny_split(), tiny_split(12, seed=1), cfg or config(freeze_features=True), PREP, folder,
+    result = train(model, tiny_split(), tiny_split(12, seed=1), cfg or config(freeze="features"), PREP, folder,
                    {"run": "probe"}, Machine(cache_features=cache), None, reporter or Record())
     return result, before
 
@@ -339,8 +345,8 @@ def test_a_probe_computes_each_images_features_once_and_trains_the_same_head(tmp
 
 
 def test_a_probe_with_ema_delivers_the_whole_model_with_the_averaged_head(tmp_path):
-    result, before = probe_run(tmp_path / "run", cfg=config(freeze_features=True, ema_decay=0.9))
-    every_step, _ = probe_run(tmp_path / "control", cache=False, cfg=config(freeze_features=True, ema_decay=0.9))
+    result, before = probe_run(tmp_path / "run", cfg=config(freeze="features", ema_decay=0.9))
+    every_step, _ = probe_run(tmp_path / "control", cache=False, cfg=config(freeze="features", ema_decay=0.9))
     assert set(weights(result)) == set(before)
     assert max_difference(weights(result), weights(every_step)) < 1e-5
     best, control = (load_model(tmp_path / name / "best").state_dict() for name in ("run", "control"))
@@ -360,7 +366,7 @@ def test_a_probe_run_continues_after_a_crash(tmp_path):
 def test_a_probe_with_augmentation_runs_the_frozen_layers_every_batch(tmp_path, monkeypatch):
     calls = count_feature_passes(monkeypatch)
     record = Record()
-    result, before = probe_run(tmp_path / "run", cfg=config(freeze_features=True, augment=AugmentConfig(hflip=0.5)),
+    result, before = probe_run(tmp_path / "run", cfg=config(freeze="features", augment=AugmentConfig(hflip=0.5)),
                                reporter=record)
     assert sum(calls) == 3 * (48 + 12)
     assert any("the frozen layers run on every batch" in n for n in record.notes)
@@ -369,7 +375,7 @@ def test_a_probe_with_augmentation_runs_the_frozen_layers_every_batch(tmp_path, 
 
 def test_a_compiled_run_saves_and_continues_under_the_models_own_names(tmp_path):
     """torch.compile wraps the model (`_orig_mod.`): checkpoints and models must not carry the wrapper's names."""
-    cfg = config(epochs=2, freeze_features=True)
+    cfg = config(epochs=2, freeze="features")
     with pytest.raises(Crash):
         train(tiny_model(), tiny_split(), tiny_split(12, seed=1), cfg, PREP, tmp_path, {"run": "c"},
               Machine(compile=True), None, Record(crash_at=8))
@@ -389,3 +395,26 @@ def test_a_cached_probes_checkpoint_is_never_loaded_into_the_whole_model(tmp_pat
     probe_run(tmp_path / "run", cache=False, reporter=record)
     assert any(n.startswith("starting a new run") and "trains head → (none)" in n for n in record.notes), record.notes
     assert record.steps[0] == 1
+
+
+def test_the_next_batch_is_gathered_while_the_loop_works_on_this_one():
+    """Overlap without a clock: after handing over batch k, the reader starts gathering batch k+1 by itself
+    (the test waits for that event before asking for it); the batches come in order, unchanged."""
+    started = [threading.Event() for _ in range(4)]
+
+    class Watched(Split):
+        def gather(self, rows, pin=False):
+            started[int(rows[0]) // 4].set()
+            return super().gather(rows, pin)
+
+    data = tiny_split(16)
+    watched = Watched(data.images, data.labels, data.paths, data.classes)
+    batches = [np.arange(k * 4, (k + 1) * 4) for k in range(4)]
+    reader = engine.prefetched(watched, batches, "cpu")
+    for k in range(4):
+        images, labels = next(reader)
+        expected = data.batch(batches[k], "cpu")
+        assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1])
+        if k + 1 < 4:  # a failsafe timeout: without a reader ahead the event never comes
+            assert started[k + 1].wait(timeout=60), f"batch {k + 1} was not gathered while batch {k} was in use"
+    assert next(reader, None) is None

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mixer.checkpoint import load_model, save_model
-from mixer.data import decode
+from mixer.decoding import decode
 from mixer.preprocess import to_float
 from mixer.errors import MixerError
 from mixer.inference import export_onnx, list_images, predict_files

@@ -79,6 +79,19 @@ def start(args: list[str], project: Path, env: dict | None = None) -> subprocess
                             stderr=subprocess.STDOUT, text=True)
 
 
+def holding_env(step: int, hold: Path) -> dict:
+    """The environment of a run that waits after optimizer step `step` until `hold`/release exists (tests/hooks)."""
+    hold.mkdir()
+    return dict(tool_env(), PYTHONPATH=str(ROOT / "tests" / "hooks"), MIXER_TEST_HOLD_AT_STEP=f"{step}:{hold}")
+
+
+def wait_held(run: subprocess.Popen, hold: Path, ranks: tuple[str, ...] = ("0",)) -> None:
+    """Until each rank of `run` waits at its step: a progress marker, not a guess at how long a step takes."""
+    while not all((hold / f"held-{rank}").exists() for rank in ranks):
+        assert run.poll() is None, run.stdout.read()
+        time.sleep(0.02)
+
+
 def epochs_logged(project: Path) -> list[str]:
     """The steps of dvclive's learning-curve TSV: each epoch must appear once, in order."""
     rows = (project / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
@@ -106,8 +119,9 @@ def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path)
     assert not (checkpoints / "last.pt").exists()
 
     seen: list[str] = []
-    run = start(args, project)
+    run = start(args, project, holding_env(15, tmp_path / "hold15"))
     read_until(run, "checkpoint: step 14 (epoch 1)", seen)
+    wait_held(run, tmp_path / "hold15")  # after step 15: no checkpoint since 14, and none can come
     run.kill()
     run.wait()
     assert not any(p.name.endswith(".tmp") for p in checkpoints.iterdir())  # the next run removed the leftover
@@ -115,16 +129,16 @@ def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path)
     assert torch.load(checkpoints / "last.pt", weights_only=True)["position"]["step"] == 14
 
     seen = []
-    run = start(args, project)
+    run = start(args, project, holding_env(40, tmp_path / "hold40"))  # it waits after step 40, between checkpoints
     assert "continuing from checkpoints/crashed/last.pt: epoch 1, step 14" in read_until(run, "continuing", seen)
-    read_until(run, "checkpoint: step 38 (epoch 2)", seen)
+    wait_held(run, tmp_path / "hold40")
     run.send_signal(signal.SIGTERM)
-    started = time.monotonic()
-    rest = run.communicate(timeout=30)[0]
-    assert time.monotonic() - started < 5 and run.returncode == 128 + signal.SIGTERM
+    (tmp_path / "hold40" / "release").write_text("")
+    rest = run.communicate(timeout=300)[0]  # a failsafe
+    assert run.returncode == 128 + signal.SIGTERM, rest
     stop = next(line for line in rest.splitlines() if line.startswith("stopped by SIGTERM: stopped at epoch 2, step "))
     step = int(stop.split("step ")[1].split(";")[0])
-    assert 38 < step < 62
+    assert step == 40  # the step the signal came in: it finished it, wrote a checkpoint and stopped
     assert not (project / "crashed" / "model.safetensors").exists()  # no model from an unfinished run
 
     log = ok(args, project)
@@ -133,21 +147,39 @@ def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path)
     assert epochs_logged(project) == ["0", "1", "2", "3"]
 
 
-def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_continues(project):
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_continues(project, tmp_path):
     ok([MIXER, "train", *COMMON, *SGD, "--batch-size", "8", "--output-dir", "ddp_straight"], project)
-    train_args = ["train", *COMMON, *SGD, "--batch-size", "4", "--output-dir", "ddp", "--checkpoint-every", "3"]
-    seen: list[str] = []
-    run = start(launcher("torchrun") + train_args, project)
-    read_until(run, "checkpoint: step 6 ", seen)
-    ranks = [p for p in psutil.Process(run.pid).children(recursive=True) if "mixer" in " ".join(p.cmdline())]
-    rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+    # Several processes agree on a stop every --log-every steps (agreeing waits for all of them): at step 7
+    train_args = ["train", *COMMON, *SGD, "--batch-size", "4", "--output-dir", "ddp", "--checkpoint-every", "3",
+                  "--log-every", "7"]
+    hold = tmp_path / "hold"
+    run = start(launcher("torchrun") + train_args, project, holding_env(7, hold))  # both wait after step 7
+    wait_held(run, hold, ranks=("0", "1"))
+    rank1 = psutil.Process(int((hold / "held-1").read_text()))
+    assert rank1.environ().get("RANK") == "1"
     rank1.send_signal(signal.SIGTERM)
-    rest = run.communicate(timeout=60)[0]
-    stops = [line for line in seen + rest.splitlines() if line.startswith("stopped by")]
+    (hold / "release").write_text("")
+    rest = run.communicate(timeout=300)[0]  # a failsafe
+    stops = [line for line in rest.splitlines() if line.startswith("stopped by")]
     assert len(stops) == 2, rest  # both ranks stopped, each saying where
     assert {line.split(": ")[0] for line in stops} == {"stopped by SIGTERM", "stopped by request"}
     positions = {line.split("stopped at ")[1].split(";")[0] for line in stops}
-    assert len(positions) == 1, stops  # at the same step
+    assert positions == {"epoch 1, step 7"}, stops  # at the same step: the one the signal came in
     log = ok(launcher("torchrun") + train_args, project)
     assert f"continuing from checkpoints/ddp/last.pt: {positions.pop()}" in log
     assert max_difference(weights(project / "ddp_straight"), weights(project / "ddp")) <= 1e-5
+
+
+def test_two_nodes_of_one_process_each_equal_one_process_with_the_global_batch(project):
+    """Two machines, proven on one: two `torchrun --nnodes 2 --nproc_per_node 1` launches meeting through c10d
+    rendezvous on localhost, each a "node" of one rank; the weights equal one process with batch 2b."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = ["train", *COMMON, *SGD, "--batch-size", "8", "--output-dir", "two_nodes"]
+    nodes = [start([str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                    "--rdzv_endpoint", endpoint, "--rdzv_id", "two-nodes", "--node_rank", str(rank), MIXER, *args],
+                   project) for rank in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]  # a failsafe
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    assert "epoch 2:" in logs[0] + logs[1]
+    ok([MIXER, "train", *COMMON, *SGD, "--batch-size", "16", "--output-dir", "one_node"], project)
+    assert max_difference(weights(project / "one_node"), weights(project / "two_nodes")) <= 1e-5

@@ -12,14 +12,16 @@ import yaml
 
 from conftest import ROOT, write_params
 from mixer.errors import MixerError
-from pipeline.params import Params, field_info, input_shape, load_params, stage_keys
+from pipeline.params import CONFIGS, DECLARATIONS_ONLY, KEYS, Params, input_shape, load_params, stage_keys, synced
 
 ORIGINAL_FLAGS = ["image_shape", "patch_shape", "depth", "dim", "num_classes", "checkpoint", "output_dir",
                   "batch_size", "lr", "momentum", "decay", "num_steps", "warmup_step", "scheduler"]
 
 
-def test_committed_params_load_and_match_the_dataclass_defaults():
-    assert load_params(ROOT / "params.yaml") == Params()
+def test_committed_params_load_and_the_files_derived_from_the_declarations_are_in_step():
+    load_params(ROOT / "params.yaml")
+    stale = [path.name for (path, text) in synced(ROOT).items() if path.read_text(encoding="utf-8") != text]
+    assert not stale, f"{stale}: run python -m pipeline.params --sync"
 
 
 def test_the_14_original_options_are_top_level_keys():
@@ -57,7 +59,7 @@ def test_every_stage_waits_for_the_params_check(stage):
     assert check == ["reports/params-check.txt"] and "reports/params-check.txt" in dvc["stages"][stage]["deps"]
 
 
-NOT_DEPS: dict[str, set[str]] = {}  # imported by a stage, but its outputs cannot depend on them
+NOT_DEPS = DECLARATIONS_ONLY  # imported by a stage, but its outputs cannot depend on them
 
 
 @pytest.mark.parametrize("stage", ["check", "prepare", "train", "evaluate"])
@@ -90,12 +92,12 @@ BAD = [
     ({"image_shape": [256, 250]}, "image_shape [256, 250] is not divisible by patch_shape [3, 3]"),
     ({"image_shape": [16]}, "image_shape must be a list of 2 numbers, got [16]"),
     ({"image_shape": "256"}, "image_shape must be a list of 2 numbers, got '256'"),
-    ({"image_shape": [0, 12]}, "image_shape must be positive, got [0, 12]"),
-    ({"patch_shape": [0, 3]}, "patch_shape must be positive, got [0, 3]"),
+    ({"image_shape": [0, 12]}, "image_shape must be values each at least 1, got [0, 12]"),
+    ({"patch_shape": [0, 3]}, "patch_shape must be values each at least 1, got [0, 3]"),
     ({"scheduler": "step"}, "scheduler must be 'cosine' or 'linear', got 'step'"),
     ({"optimizer": "adam"}, "optimizer must be 'sgd' or 'adamw', got 'adam'"),
     ({"resize": "pad"}, "resize must be 'stretch' or 'center_crop', got 'pad'"),
-    ({"variant": "XL/8"}, "variant must be one of S/32 S/16 B/32 B/16 L/32 L/16 H/14 or null, got 'XL/8'"),
+    ({"variant": "XL/8"}, "variant must be 'S/32' or 'S/16' or 'B/32' or 'B/16' or 'L/32' or 'L/16' or 'H/14' or null, got 'XL/8'"),
     ({"warmup_step": -1}, "warmup_step must be 0 or more, got -1"),
     ({"min_lr": 1.0}, "min_lr must be between 0 and lr (0.003), got 1.0"),
     ({"momentum": 1.0}, "momentum must be in [0, 1), got 1.0"),
@@ -107,10 +109,10 @@ BAD = [
     ({"dropout": 1.5}, "dropout must be in [0, 1), got 1.5"),
     ({"drop_path": -0.1}, "drop_path must be in [0, 1), got -0.1"),
     ({"ema_decay": 1.0}, "ema_decay must be in [0, 1), got 1.0"),
-    ({"hflip": 2.0}, "hflip must be in [0, 1), got 2.0"),
+    ({"hflip": 2.0}, "hflip must be in [0, 1], got 2.0"),
     ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction + test_fraction must leave a training share"),
-    ({"crop_scale": [0.9, 0.5]}, "crop_scale must satisfy 0 < low <= high <= 1, got [0.9, 0.5]"),
-    ({"crop_ratio": [0.0, 1.0]}, "crop_ratio must satisfy 0 < low <= high, got [0.0, 1.0]"),
+    ({"crop_scale": [0.9, 0.5]}, "crop_scale must be a pair with 0 < low <= high <= 1, got [0.9, 0.5]"),
+    ({"crop_ratio": [0.0, 1.0]}, "crop_ratio must be a pair with 0 < low <= high, got [0.0, 1.0]"),
     ({"randaugment_n": -1}, "randaugment_n must be 0 or more, got -1"),
     ({"randaugment_m": 31}, "randaugment_m must be in 0..30, got 31"),
     ({"strict": "yes"}, "strict must be true or false, got 'yes'"),
@@ -125,10 +127,10 @@ BAD = [
     ({"freeze": "all"}, "freeze must be 'none' or 'features', got 'all'"),
     ({"freeze": "features"}, "freeze: features trains only the head, so it needs a checkpoint to take the features "
                              "from"),
-    ({"val_fraction": 0.0}, "val_fraction + test_fraction must leave a training share, got 0.0 + 0.2"),
-    ({"test_fraction": 0.0}, "val_fraction + test_fraction must leave a training share, got 0.1 + 0.0"),
-    ({"crop_scale": [0.0, 0.5]}, "crop_scale must satisfy 0 < low <= high <= 1, got [0.0, 0.5]"),
-    ({"crop_scale": [0.5, 1.5]}, "crop_scale must satisfy 0 < low <= high <= 1, got [0.5, 1.5]"),
+    ({"val_fraction": 0.0}, "val_fraction must be in (0, 1), got 0.0"),
+    ({"test_fraction": 0.0}, "test_fraction must be in (0, 1), got 0.0"),
+    ({"crop_scale": [0.0, 0.5]}, "crop_scale must be a pair with 0 < low <= high <= 1, got [0.0, 0.5]"),
+    ({"crop_scale": [0.5, 1.5]}, "crop_scale must be a pair with 0 < low <= high <= 1, got [0.5, 1.5]"),
 ]
 
 # The accepted edge of each rule above: a rule made stricter by one (> for >=, 2 for 1) refuses it.
@@ -280,7 +282,65 @@ def test_input_shape_reads_a_checkpoint_it_is_not_given(tmp_path):
     assert input_shape(p) == (8, 16)
 
 
-def test_field_info_is_the_fields_help_stages_and_original_default():
-    info = field_info("depth")
-    assert info["help"] == "number of Mixer blocks" and info["stages"] == ("train",) and info["original"] == 6
-    assert field_info("val_fraction")["stages"] == ("prepare",)
+def test_a_key_is_declared_once_on_the_config_that_uses_it():
+    depth = KEYS["depth"]
+    assert (depth.owner.__name__, depth.declaration.help, depth.declaration.stages) == ("MixerConfig", "number of Mixer blocks", ("train",))
+    assert depth.declaration.original == 6
+    assert (KEYS["num_steps"].owner.__name__, KEYS["num_steps"].attribute) == ("TrainConfig", "epochs")
+    assert KEYS["val_fraction"].declaration.stages == ("prepare",)
+    assert set(KEYS) == set(yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
+LIBRARY_BAD = [(change, message) for (change, message) in BAD if len(change) == 1
+               and next(iter(change)) in KEYS and KEYS[next(iter(change))].owner is not CONFIGS[0]
+               and "YAML" not in message and "divisible" not in message and "checkpoint" not in message]
+
+
+@pytest.mark.parametrize(("change", "message"), LIBRARY_BAD, ids=[next(iter(c)) for (c, _) in LIBRARY_BAD])
+def test_the_library_config_refuses_what_params_yaml_refuses_with_the_same_words(change, message):
+    """One home for each rule: the config that uses a key checks it, whoever builds the config."""
+    (name, value), = change.items()
+    key = KEYS[name]
+    required = {"image_shape": (12, 12)} if key.owner.__name__ == "PrepareConfig" else {}
+    with pytest.raises(MixerError) as caught:
+        key.owner(**required, **{key.attribute: value})
+    assert message in str(caught.value)
+
+
+def test_a_new_key_needs_its_declaration_its_use_and_params_yaml(tmp_path):
+    """In a copy of the project, add a key to TrainConfig and params.yaml: everything else follows."""
+    import shutil
+
+    for name in ("mixer", "pipeline", "presets"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("params.yaml", "dvc.yaml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    engine = tmp_path / "mixer" / "engine.py"
+    anchor = "    augment: AugmentConfig = field(default_factory=AugmentConfig)\n"
+    assert anchor in engine.read_text()
+    engine.write_text(engine.read_text().replace(anchor, '    loss_gain: float = hp(1.0, "scales the loss", '
+                                                         'rule=positive())\n' + anchor))
+    (tmp_path / "params.yaml").write_text((tmp_path / "params.yaml").read_text() + "loss_gain: 1.0\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+
+    def python(*args):
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    assert python("-m", "pipeline.params", "--check").returncode == 1
+    assert python("-m", "pipeline.params", "--sync").returncode == 0
+    assert python("-m", "pipeline.params", "--check").returncode == 0
+    dvc = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
+    assert "loss_gain" in dvc["stages"]["train"]["params"] and "loss_gain" not in dvc["stages"]["prepare"]["params"]
+    for preset in (tmp_path / "presets").glob("*.yaml"):
+        assert yaml.safe_load(preset.read_text())["loss_gain"] == 1.0
+    assert "`loss_gain`" in (tmp_path / "README.md").read_text()
+    script = ("from pipeline.params import load_params, fingerprint_keys; from pipeline.train import train_config\n"
+              "p = load_params(overrides={'loss_gain': 2.5}); assert train_config(p).loss_gain == 2.5\n"
+              "assert 'loss_gain' in fingerprint_keys()\n"
+              "try: load_params(overrides={'loss_gain': 0})\n"
+              "except Exception as e: print(e)")
+    run = python("-c", script)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "params.yaml: loss_gain must be positive, got 0.0"
+    helptext = python("-c", "from pipeline.cli import app; app()", "train", "--help")
+    assert "--loss-gain" in helptext.stdout and "--loss_gain" in helptext.stdout and "scales the loss" in helptext.stdout

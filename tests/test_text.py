@@ -24,9 +24,10 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, write_params
 from mixer.checkpoint import save_model
-from mixer.data import printable, write_csv
+from mixer.data import write_csv
 from mixer.model import create_model
-from mixer.text import BIDI, SEPARATORS, markdown, shown, spreadsheet_safe
+from mixer.sources import printable
+from mixer.text import BIDI, SEPARATORS, markdown, param_text, shown, spreadsheet_safe
 from pipeline.cli import app
 
 OSC52 = "\x1b]52;c;SGVsbG8=\x07"  # writes "Hello" to the clipboard of a terminal that allows it
@@ -260,3 +261,11 @@ def test_predictions_csv_is_safe_to_open_in_a_spreadsheet(tmp_path):
     labels = [row[f"label_{r}"] for r in range(1, 5)]
     assert sorted(labels) == sorted("'" + c for c in classes)
     assert all(isinstance(row[f"prob_{r}"], float) for r in range(1, 5))  # numbers stay numbers
+
+
+@pytest.mark.parametrize(("value", "yaml", "option"), [
+    (None, "null", "null"), (True, "true", "true"), (False, "false", "false"), (1e-3, "0.001", "0.001"),
+    ((256, 256), "[256, 256]", "256 256"), ("hf-hub:timm/x", "hf-hub:timm/x", "hf-hub:timm/x"), (6, "6", "6"),
+])
+def test_a_params_value_reads_as_yaml_in_reports_and_as_its_option_in_help(value, yaml, option):
+    assert param_text(value) == yaml and param_text(value, command_line=True) == option

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,9 +37,11 @@ def test_long_values_are_cut_after_20_characters():
     assert differences({"h": "a" * 20}, {"h": "b" * 21}) == [f"h {'a' * 20} → {'b' * 12}…"]
 
 
-def test_save_says_where_how_big_and_how_long(tmp_path):
+def test_save_says_where_how_big_and_how_long(tmp_path, monkeypatch):
+    readings = iter([10.0, 12.5])  # save's clock, read before and after writing: no real time measured
+    monkeypatch.setattr(train_state, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
     path, size, seconds = saved(tmp_path, {"run": 1})
-    assert path == tmp_path / "last.pt" and size == path.stat().st_size > 0 and 0 <= seconds < 60
+    assert path == tmp_path / "last.pt" and size == path.stat().st_size > 0 and seconds == 2.5
 
 
 def test_read_refuses_what_is_not_a_checkpoint_of_this_version(tmp_path):
@@ -120,11 +123,10 @@ def test_fractions_of_a_unit_and_a_single_step_are_intervals():
     assert Every.parse("0.5m") == Every(seconds=30.0) and Every.parse("1") == Every(steps=1)
 
 
-def test_the_timer_is_due_at_the_interval_not_before(monkeypatch):
+def test_the_timer_is_due_at_the_interval_not_before():
     now = [100.0]
-    monkeypatch.setattr(train_state.time, "monotonic", lambda: now[0])
-    assert not CheckpointTimer(None, 0).due(10**6)
-    timer = CheckpointTimer(Every(seconds=5.0), 0)
+    assert not CheckpointTimer(None, 0, clock=lambda: now[0]).due(10**6)
+    timer = CheckpointTimer(Every(seconds=5.0), 0, clock=lambda: now[0])  # an injected clock: no real time
     now[0] = 104.9
     assert not timer.due(1)
     now[0] = 105.0
@@ -133,3 +135,16 @@ def test_the_timer_is_due_at_the_interval_not_before(monkeypatch):
     assert not timer.due(2)
     steps = CheckpointTimer(Every(steps=3), 4)
     assert [steps.due(s) for s in (5, 6, 7)] == [False, False, True]
+
+
+def test_a_checkpoint_of_another_version_starts_a_new_run_unless_resume_is_asked(tmp_path):
+    """After an upgrade, `dvc repro` (resume unset) starts over with a note; --resume says why it cannot."""
+    torch.save({"format": train_state.FORMAT - 1}, tmp_path / "last.pt")
+    notes = []
+    state = train_state.start_or_continue(tmp_path, {"run": 1}, None, 3, True, *objects(1), None, notes.append)
+    assert (state.epoch, state.step, state.fingerprint) == (0, 0, {"run": 1})
+    assert notes == [f"starting a new run: {tmp_path / 'last.pt'} is of another version of mixer; it stays until "
+                     "this run writes its first checkpoint"]
+    with pytest.raises(MixerError, match="is not a checkpoint of this version of mixer"):
+        train_state.start_or_continue(tmp_path, {"run": 1}, True, 3, True, *objects(1), None, notes.append)
+    assert (tmp_path / "last.pt").exists()
