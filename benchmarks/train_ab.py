@@ -58,8 +58,10 @@ def make_project(scratch: Path, config: str, tree: Path) -> Path:
     """A working directory with params for `config`, prepared by `tree`'s own code (formats may differ)."""
     project = scratch / f"{config}-{tree.name}"
     project.mkdir()
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((tree / "params.yaml").read_text())  # the tree's own keys (they change)
     params.update(CONFIGS[config])
+    if "num_classes" in CONFIGS[config] or params.get("num_classes") is None:
+        params["num_classes"] = CONFIGS[config].get("num_classes", 10 if config == "default" else 3)
     if config == "original":
         rng = np.random.default_rng(0)
         for label in ("a", "b", "c"):
@@ -67,7 +69,8 @@ def make_project(scratch: Path, config: str, tree: Path) -> Path:
             for i in range(40):
                 Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
                     project / "images" / label / f"{i}.png")
-        params.update(data=str(project / "images"), val_fraction=0.1, test_fraction=0.1)
+        params.update({"dataset" if "dataset" in params else "data": str(project / "images"), "val_fraction": 0.1,
+                       "test_fraction": 0.1})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     code = f"import sys; sys.path.insert(0, {str(tree)!r}); sys.argv = ['mixer', 'prepare']; " \
            "import pipeline.cli; pipeline.cli.main()"

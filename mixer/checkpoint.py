@@ -31,11 +31,11 @@ VERSION = 2  # 1: normalization/resize/image_shape at the top level; 2: one prep
 
 
 def save_model(model: MlpMixer, directory: Path, source: dict | None = None,
-               trained_on: dict | None = None) -> None:
+               trained_on: dict | None = None, kept: dict | None = None) -> None:
     """Write `model.safetensors` and `config.json` (architecture, classes, preprocessing) atomically.
 
     trained_on: the prepared data the weights were trained on (its hash and split), which evaluation
-    checks its data against.
+    checks its data against. kept: which epoch of the run the weights are (`keep: best|last`).
     """
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for (k, v) in model.state_dict().items()}
@@ -50,6 +50,8 @@ def save_model(model: MlpMixer, directory: Path, source: dict | None = None,
         meta["source"] = source
     if trained_on is not None:
         meta["trained_on"] = trained_on
+    if kept is not None:
+        meta["kept"] = kept
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write(directory / CONFIG, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")  # UTF-8
 

@@ -57,14 +57,21 @@ class PrepareConfig:
                              f"{self.val_fraction} + {self.test_fraction}")
 
 
-def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int = 1,
-            progress=None) -> dict:
-    """Decode `source` into `out_dir` (images.npy, manifest.csv, prepared.json); returns the data report."""
+def check_source(source: Source, config: PrepareConfig) -> None:
+    """What the source must be for `config`, known before decoding anything (`mixer check` asks too)."""
+    names = ", ".join(source.classes[:5]) + (", ..." if len(source.classes) > 5 else "")
     if len(source.classes) < 2:
-        raise MixerError(f"data {source.root} has {len(source.classes)} class; at least 2 are needed")
+        raise MixerError(f"data {printable(source.root)} has {len(source.classes)} class ({names or 'none'}); a "
+                         "classifier needs at least 2: one sub-folder of images per class")
     if config.num_classes is not None and config.num_classes != len(source.classes):
-        raise MixerError(f"num_classes is {config.num_classes} but data {source.root} has "
-                         f"{len(source.classes)} classes")
+        raise MixerError(f"num_classes is {config.num_classes} but data {printable(source.root)} has "
+                         f"{len(source.classes)} classes ({names}); set num_classes: {len(source.classes)}, or null "
+                         "to take it from the data")
+    have = {label for (_, label) in source.items}
+    empty = [c for c in source.classes if c not in have]
+    if empty:
+        raise MixerError(f"data {printable(source.root)}: class {empty[0]!r} has no images"
+                         + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else "") + "; add images or remove it")
     if config.strict and source.label_conflicts:
         c = source.label_conflicts[0]
         raise MixerError(f"{source.root}: {c['path']!r} is labelled {' and '.join(map(repr, c['labels']))} "
@@ -72,6 +79,12 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     if config.strict and source.skipped:
         s = source.skipped[0]
         raise MixerError(f"{printable(source.root / s['path'])}: {s['reason']} (strict: true)")
+
+
+def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int = 1,
+            progress=None) -> dict:
+    """Decode `source` into `out_dir` (images.npy, manifest.csv, prepared.json); returns the data report."""
+    check_source(source, config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     height, width = config.image_shape
@@ -111,8 +124,7 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     empty = [c for c in source.classes if c not in set(table["label_name"])]
     if empty:
         raise MixerError(f"class {empty[0]!r} in {source.root} has no usable image")
-    table["split"] = split_by_class(list(table["path"]), table["label"].to_numpy(),
-                                    config.val_fraction, config.test_fraction, config.seed)
+    table["split"] = _splits(source, table, config)
     duplicates = find_cross_split_duplicates(table)
     if config.drop_duplicates and duplicates:
         dropped = {d["path"] for d in duplicates}
@@ -123,7 +135,8 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     info = {"classes": source.classes, "image_shape": list(config.image_shape), "resize": config.resize,
             "rows": n, "data_hash": _data_hash(out_dir / MANIFEST, config.image_shape, config.resize),
             # what made the split: the hash covers its outcome, these let a mismatch be explained
-            "split": {"seed": config.seed, "val_fraction": config.val_fraction, "test_fraction": config.test_fraction}}
+            "split": {"seed": config.seed, "val_fraction": config.val_fraction, "test_fraction": config.test_fraction,
+                      **({"given": list(source.given_splits)} if source.given_splits else {})}}
     (out_dir / INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return {
         "classes": source.classes,
@@ -137,6 +150,22 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
         "resize": config.resize,
         "data_hash": info["data_hash"],
     }
+
+
+def _splits(source: Source, table: pd.DataFrame, config: PrepareConfig) -> np.ndarray:
+    """Each image's split: seeded per class by the fractions; in a pre-split folder, its folder's, the
+    splits it lacks cut from train/ by their fractions (val_fraction and test_fraction of train/)."""
+    keys, labels = list(table["path"]), table["label"].to_numpy()
+    if not source.given_splits:
+        return split_by_class(keys, labels, config.val_fraction, config.test_fraction, config.seed)
+    out = np.array([source.split_of(k) for k in keys], dtype=object)
+    for split in ("val", "test"):
+        if split not in source.given_splits:  # cut from train/, asking split_by_class for it as its "test"
+            train = np.flatnonzero(out == "train")
+            fraction = config.val_fraction if split == "val" else config.test_fraction
+            cut = split_by_class([keys[i] for i in train], labels[train], 0.0, fraction, config.seed)
+            out[train[cut == "test"]] = split
+    return out
 
 
 def write_csv(table: pd.DataFrame, target, header: bool = True, spreadsheet: bool = True) -> None:

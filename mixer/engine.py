@@ -26,13 +26,13 @@ from torch import Tensor
 
 from mixer import probe, train_state
 from mixer.augment import AugmentConfig, augment
-from mixer.checkpoint import save_model
+from mixer.checkpoint import CONFIG, load_model, read_config, save_model
 from mixer.data import Split
 from mixer.errors import MixerError
 from mixer.evaluation import evaluate_split
 from mixer.hparams import Rule, at_least, check, fraction, hp, one_of, positive
 from mixer.model import MlpMixer
-from mixer.optim import build_optimizer, make_ema
+from mixer.optim import build_optimizer, make_ema, use_fused, wants_fused
 from mixer.preprocess import Preprocessing
 from mixer.schedule import build_scheduler
 from mixer.train_state import CheckpointTimer, Every, RunningSums, TrainState, start_or_continue
@@ -43,7 +43,8 @@ class TrainConfig:
     """The hyperparameters of a run (`key=`: the params.yaml name, the original train.py's)."""
 
     epochs: int = hp(40, "training epochs", key="num_steps", rule=at_least(1), original=30)
-    batch_size: int = hp(64, "images per micro-batch and process", rule=at_least(1), original=16)
+    batch_size: int = hp(64, "images per micro-batch and process", rule=at_least(1), original=16,
+                         fingerprint=False)  # the engine records the global batch: a run may change processes
     lr: float = hp(3.0e-3, "peak learning rate", rule=positive(), original=1.0e-3)
     optimizer: str = hp("adamw", "sgd (with momentum) or adamw (betas momentum, 0.999)",
                         rule=one_of("sgd", "adamw"), original="sgd")
@@ -61,6 +62,8 @@ class TrainConfig:
                    rule=Rule("in 0 .. 2**32 - 1", lambda v: 0 <= v < 2**32))
     eval_batch_size: int = hp(256, "images per batch when evaluating", stages="train evaluate", rule=at_least(1),
                               affects=False)
+    keep: str = hp("best", "the model train delivers: the epoch of the best val accuracy (timm's model_best) or the "
+                   "last", rule=one_of("best", "last"), fingerprint=False)  # both are on disk at the end
     freeze: str = hp("none", "none: train every weight; features: train only the head (a linear probe of "
                      "the checkpoint's features)", rule=one_of("none", "features"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -85,6 +88,7 @@ class Machine:
     stop: threading.Event | None = None       # once set: finish the step, checkpoint, raise Interrupted
     cache_features: bool = True               # a probe without augmentation: compute features once
     log_every: int = 50                       # optimizer steps between reads of the running loss (a host sync)
+    grad_checkpointing: bool = False          # recompute each block's activations in the backward (less memory)
 
 
 class Interrupted(Exception):
@@ -126,6 +130,7 @@ class Result:
     metrics: dict                # the last epoch's
     state: TrainState
     is_main_process: bool
+    kept: dict = field(default_factory=dict)  # which epoch's weights `model` holds (`keep`)
 
 
 def make_accelerator(grad_accum: int, machine: Machine):
@@ -185,7 +190,11 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     reporter = reporter if reporter is not None and main else Reporter()
     spe = steps_per_epoch(len(train_split), config, world)
     learner = _learner(model, train_split, val_split, preprocessing, config, machine, accelerator.device, reporter)
-    optimizer = build_optimizer(learner.module, config.optimizer, config.lr, config.momentum, config.weight_decay)
+    model.set_grad_checkpointing(machine.grad_checkpointing)  # before prepare: DDP and compile wrap it as it is
+    # the kernel for the device the parameters are about to move to (prepare moves them; built before, on the host)
+    fused = wants_fused(accelerator.device)
+    optimizer = build_optimizer(learner.module, config.optimizer, config.lr, config.momentum, config.weight_decay,
+                                fused=fused)
     scheduler = build_scheduler(optimizer, spe, config.epochs, config.warmup_epochs, config.scheduler,
                                 config.min_lr / config.lr)
     ema = make_ema(learner.module, config.ema_decay)
@@ -193,6 +202,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     fingerprint = {**(fingerprint or {}), "global_batch": config.batch_size * world, **learner.fingerprint}
     state = start_or_continue(Path(run_dir), fingerprint, resume, config.epochs, main, learner.module, optimizer,
                               scheduler, ema, reporter.note)
+    use_fused(optimizer, fused)  # a checkpoint's groups carry the kernel of the machine that wrote it
     module, optimizer = accelerator.prepare(learner.module, optimizer)
     if machine.compile:
         module = torch.compile(module)
@@ -236,7 +246,22 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
         reporter.epoch(metrics)
         if run.agree(machine.stop, False)[0] and epoch + 1 < config.epochs:
             raise Interrupted(state, Path(run_dir) / train_state.LAST)
-    return Result(learner.deliver(run.scored()), state.history[-1], state, main)
+    model, kept = _kept(learner.deliver(run.scored()), config, Path(run_dir), state, main)
+    return Result(model, state.history[-1], state, main, kept)
+
+
+def _kept(last: MlpMixer, config: TrainConfig, run_dir: Path, state: TrainState, main: bool) -> tuple[MlpMixer, dict]:
+    """The model the run delivers, and which epoch's it is: the last epoch's, or (`keep: best`) that of the
+    best val accuracy, which the run folder's best/ holds since that epoch (its config.json says which)."""
+    epoch = state.epoch
+    if config.keep == "best" and main:  # only the main process saves the model, and only it wrote best/
+        best = run_dir / train_state.BEST
+        recorded = read_config(best).get("kept", {}).get("epoch") if (best / CONFIG).exists() else None
+        if recorded is not None and recorded != state.epoch:
+            model = load_model(best).to(next(last.parameters()).device)
+            model.source, last, epoch = last.source, model, recorded
+    return last, {"keep": config.keep, "epoch": epoch, "of": state.epoch,
+                  "val_accuracy": state.history[epoch - 1]["val/accuracy"]}
 
 
 def _learner(model, train_split, val_split, preprocessing, config, machine, device, reporter) -> probe.Learner:
@@ -284,8 +309,10 @@ class _DeviceSums:
         """The sums, summed over processes; a one-line error if any step's loss was not finite."""
         values = self.values
         if accelerator.num_processes > 1:  # the sums added up; the first bad step of any process
-            values = torch.cat([accelerator.reduce(values[:3].clone(), "sum"), accelerator.reduce(values[3:4].clone(), "max"),
-                                values[4:]])
+            first = torch.where(values[3:4] < 0, torch.full_like(values[3:4], float("inf")), values[3:4])
+            first = -accelerator.reduce(-first, "max")  # the earliest bad step of any process (inf: none)
+            values = torch.cat([accelerator.reduce(values[:3].clone(), "sum"),
+                                torch.where(torch.isinf(first), torch.full_like(first, -1.0), first), values[4:]])
         loss, correct, images, bad, bad_loss = values.tolist()
         if bad >= 0:
             raise MixerError(f"training diverged at epoch {epoch + 1}, step {int(bad)}: the loss is "
@@ -370,10 +397,12 @@ class _Run:
         """Write last.pt (and on a new best val accuracy, the best model): the main process writes."""
         self.state.sums = sums
         if self.accelerator.is_main_process:
+            if best:  # before last.pt, which records it as best: a kill between the two leaves an older best
+                # with its own epoch in its config.json, never last.pt naming a best that was not written
+                save_model(deliver(self.scored()), Path(self.run_dir) / train_state.BEST,
+                           kept={"keep": "best", "epoch": self.state.epoch})
             path, size, seconds = train_state.save(self.run_dir, self.state, self.unwrapped(), self.optimizer,
                                                    self.scheduler, self.ema)
-            if best:
-                save_model(deliver(self.scored()), Path(self.run_dir) / train_state.BEST)
             self.reporter.checkpoint(self.state, path, size, seconds)
         self.accelerator.wait_for_everyone()
         self.timer.restart(self.state.step)

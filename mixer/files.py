@@ -19,7 +19,7 @@ from mixer.errors import MixerError
 Content = bytes | str | Callable[[Path], object]
 
 
-def atomic_write(path: Path, content: Content, user_error: bool = True) -> None:
+def atomic_write(path: Path, content: Content, user_error: bool = True, private: bool = False) -> None:
     """Write `content` to a temporary beside `path`, then rename it over `path`: a crash never leaves a
     half-written file, and the file that was there stays as it was until the rename.
 
@@ -28,7 +28,8 @@ def atomic_write(path: Path, content: Content, user_error: bool = True) -> None:
     (`.<name>.<random>.tmp`, mode 0600) and is removed if anything fails; missing parent folders are
     created. With `user_error`, a write the system refuses (disk full, file too large, read-only, no
     permission) is a MixerError naming the path; without it the OSError is raised as it is, for a
-    caller that words the failure itself. Any other exception is raised as it is.
+    caller that words the failure itself. Any other exception is raised as it is. The file gets the
+    mode any file the user makes gets (0666 less the umask), unless `private` (0600: lock records).
     """
     path = Path(path)
     try:
@@ -45,6 +46,8 @@ def atomic_write(path: Path, content: Content, user_error: bool = True) -> None:
         else:
             with os.fdopen(fd, "wb") as file:  # through the descriptor mkstemp opened: the name is not reopened
                 file.write(content.encode("utf-8") if isinstance(content, str) else content)
+        if not private:
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
         if exc.errno is None or not user_error:  # errno None: not the system refusing a write, a bug
@@ -53,6 +56,12 @@ def atomic_write(path: Path, content: Content, user_error: bool = True) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def file_kind(mode: int) -> str:

@@ -73,14 +73,15 @@ class Declaration:
     rule: Rule | None = None
     key: str | None = None           # the params.yaml name, when it differs from the field's
     affects: bool = True             # False: where results go or how fast, never what a run computes
+    fingerprint: bool = True         # False: a checkpointed run continues when only this key changed
     original: Any = None             # the original train.py's default, where it had the option
 
 
 def hp(default, help: str, *, stages: str = "train", rule: Rule | None = None, key: str | None = None,
-       affects: bool = True, original=None):
+       affects: bool = True, fingerprint: bool = True, original=None):
     """A dataclass field that is a hyperparameter (see the module docstring)."""
     # Runs at import only, before any mutant can be switched on: mutating it tests nothing.
-    declaration = Declaration(help, tuple(stages.split()), rule, key, affects, original)  # pragma: no mutate
+    declaration = Declaration(help, tuple(stages.split()), rule, key, affects, fingerprint, original)  # pragma: no mutate
     return dataclasses.field(default=default, metadata={"hp": declaration})  # pragma: no mutate
 
 

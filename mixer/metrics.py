@@ -29,8 +29,10 @@ def score(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> Sco
     y = labels.numpy()
     predicted = probabilities.argmax(1)
     everything = np.arange(len(classes))
-    top5 = None
-    if len(classes) >= 5:
+    top5 = None  # below 5 classes there is no top-5; with exactly 5 every image is in it (sklearn warns so)
+    if len(classes) == 5:
+        top5 = 1.0
+    elif len(classes) > 5:
         top5 = float(top_k_accuracy_score(y, probabilities, k=5, labels=everything))
     precision, recall, f1, support = precision_recall_fscore_support(
         y, predicted, labels=everything, zero_division=0)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mixer.errors import MixerError
 from mixer.hparams import at_least, check, each, fraction, hp
@@ -159,6 +160,7 @@ class MlpMixer(nn.Module):
         ])
         self.norm = nn.LayerNorm(c.dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(c.dim, c.num_classes)
+        self.grad_checkpointing = False  # a machine setting (mixer.engine.Machine), not saved with the weights
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -199,10 +201,23 @@ class MlpMixer(nn.Module):
         patches = images.reshape(b, c, gh, ph, gw, pw).permute(2, 4, 0, 1, 3, 5).reshape(gh * gw, b, c * ph * pw)
         return F.linear(patches, self.stem.weight.reshape(self.stem.out_channels, -1), self.stem.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (as timm's): in training, each block keeps only its input and
+        recomputes the rest in the backward (about one forward more), so the activations of one block are
+        alive at a time instead of all `depth`. The same gradients: the recomputation replays the RNG state
+        (dropout, drop path) the forward drew."""
+        self.grad_checkpointing = bool(enable)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (batch, chans, H, W) to normalised patch embeddings (batch, patches, dim)."""
         # The blocks run token-major, (patches, batch, dim): both mixings are then plain GEMMs.
-        return self.norm(self.blocks(self.embed(x))).transpose(0, 1)
+        x = self.embed(x)
+        if self.grad_checkpointing and self.blocks.training and torch.is_grad_enabled():
+            for block in self.blocks:  # frozen (eval-mode) blocks or no_grad: nothing to save, nothing to replay
+                x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return self.norm(x).transpose(0, 1)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Global average pool over patches, then the linear head; x: (batch, patches, dim)."""

@@ -20,14 +20,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW with betas (momentum, 0.999), the paper's optimizer."""
+                    weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW with betas (momentum, 0.999), the paper's optimizer.
+
+    `fused`: one kernel for the whole update (torch's `fused=True`, for both SGD and AdamW), which the
+    engine asks for when it trains on a CUDA device; else torch's default for the device (on a CPU the
+    single-tensor loop).
+    The same update to float rounding.
+    """
     groups = param_groups(model, weight_decay)
+    kernel = {"fused": True} if fused else {}
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernel)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), **kernel)
     raise MixerError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
+
+
+def use_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """Keep the kernel this machine chose after a checkpoint's state is loaded: `load_state_dict` takes
+    the saved groups' `fused`/`foreach`, i.e. those of the machine that wrote the checkpoint."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = (True, None) if fused else (None, None)
+
+
+def wants_fused(device: torch.device | str) -> bool:
+    """Whether a run on `device` takes the fused optimizer kernels: on CUDA, where they are faster."""
+    return torch.device(device).type == "cuda"
 
 
 class EMA:

@@ -10,10 +10,12 @@ names only the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import json
 import os
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -120,6 +122,26 @@ def parse_hub(spec: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One short attempt to connect to the hub's host (once per process). Behind a proxy the answer is yes:
+    the proxy, not this machine, reaches the hub."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlsplit(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 class _NotCached(MixerError):
     """A hub file that is neither in the local cache nor downloadable now."""
 
@@ -129,10 +151,11 @@ def _hub_file(repo: str, filename: str, revision: str | None) -> Path | None:
     from huggingface_hub import errors, hf_hub_download, is_offline_mode
 
     where = f"{HUB}{repo}" + (f"@{revision}" if revision else "")
-    try:
-        return Path(hf_hub_download(repo, filename, revision=revision))
+    offline = " (HF_HUB_OFFLINE is set)" if is_offline_mode() else "" if hub_reachable() else \
+        f" (no connection to {hub_endpoint()})"
+    try:  # without a network, the cache alone: huggingface_hub would otherwise retry for most of a minute
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=bool(offline)))
     except errors.LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE is set)" if is_offline_mode() else ""
         raise _NotCached(f"{where}: not in the local hub cache and cannot be downloaded{offline}; download it "
                          "once with a network (or point HF_HOME at the cache that has it)") from None
     except errors.EntryNotFoundError:

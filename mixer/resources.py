@@ -50,7 +50,7 @@ def parameter_count(c: MixerConfig) -> int:
     return stem + c.depth * block + 2 * d + d * c.num_classes + c.num_classes
 
 
-def activation_values(c: MixerConfig) -> int:
+def activation_values(c: MixerConfig, grad_checkpointing: bool = False) -> int:
     """Values held per image during a training step: those saved for backward, the input, the backward's gradients.
 
     Saved for backward (what autograd keeps, traced op by op in `mixer.model`; P patches, C = dim,
@@ -63,15 +63,21 @@ def activation_values(c: MixerConfig) -> int:
     statistics (2·P per norm) and dropout masks are small beside these and left out.
     Not saved but alive at the peak: the float input batch (3·H·W), and in the backward the
     gradient of the widest hidden layer before and after GELU (2·max(P·D_C, C·D_S)).
+    `grad_checkpointing` (MlpMixer.set_grad_checkpointing): each block keeps only its input (P·C) and one
+    block's saved values are alive at a time, recomputed in the backward: depth·P·C + one block's
+    (less its input, which it shares).
     """
     p, d, s, h = c.num_patches, c.dim, c.token_hidden, c.channel_hidden
     pixels = c.in_chans * c.image_shape[0] * c.image_shape[1]
     per_block = 4 * p * d + 2 * d * s + 2 * p * h
-    saved = c.depth * per_block + pixels + p * d + d + c.num_classes
+    # the recomputed block's token LayerNorm input is its kept input, not a new tensor
+    blocks = c.depth * p * d + per_block - p * d if grad_checkpointing else c.depth * per_block
+    saved = blocks + pixels + p * d + d + c.num_classes
     return saved + pixels + 2 * max(p * h, d * s, p * d)
 
 
-def _terms(c: MixerConfig, optimizer: str, ema: bool, frozen: bool, models: int) -> tuple[int, int, int]:
+def _terms(c: MixerConfig, optimizer: str, ema: bool, frozen: bool, models: int,
+           grad_checkpointing: bool = False) -> tuple[int, int, int]:
     """(values kept all run, values per image at the activation peak, values of the optimizer step's temporary)."""
     if optimizer not in OPTIMIZER_STATES:
         raise MixerError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)}, got {optimizer!r}")
@@ -82,11 +88,11 @@ def _terms(c: MixerConfig, optimizer: str, ema: bool, frozen: bool, models: int)
         persistent = n + head * (1 + states) + (n if ema else 0)
         per_image = 2 * pixels + 3 * p * c.dim + 2 * max(p * c.channel_hidden, c.dim * c.token_hidden)
         return models * persistent, per_image, head
-    return models * n * (2 + states + (1 if ema else 0)), activation_values(c), n
+    return models * n * (2 + states + (1 if ema else 0)), activation_values(c, grad_checkpointing), n
 
 
 def training_memory(c: MixerConfig, batch_size: int, bytes_per_value: int = 4, optimizer: str = "adamw",
-                    ema: bool = False, frozen: bool = False, models: int = 1) -> int:
+                    ema: bool = False, frozen: bool = False, models: int = 1, grad_checkpointing: bool = False) -> int:
     """Bytes the live tensors of a training step of `c` at `batch_size` images reach at their peak (fp32: 4 a value).
 
       parameters × (weights + gradients + optimizer states [+ an EMA copy]) × models
@@ -97,11 +103,11 @@ def training_memory(c: MixerConfig, batch_size: int, bytes_per_value: int = 4, o
     larger of the two counts. `frozen`: only the head trains (a linear probe), so nothing is kept
     for backward; the forward's working set (the input, the residual stream and the widest hidden
     layer before and after GELU) replaces it. `models`: models trained side by side (the
-    benchmark's ours and reference), one step at a time.
+    benchmark's ours and reference), one step at a time. `grad_checkpointing`: see `activation_values`.
     The allocator's own overhead (about 20% more resident memory, measured in
     tests/test_resources.py) is not in this number; `check_training_memory` adds it.
     """
-    persistent, per_image, step = _terms(c, optimizer, ema, frozen, models)
+    persistent, per_image, step = _terms(c, optimizer, ema, frozen, models, grad_checkpointing)
     return (persistent + max(batch_size * per_image, step)) * bytes_per_value
 
 
@@ -131,13 +137,14 @@ def available_memory(device: str | None = None) -> tuple[int, str]:
 
 def check_training_memory(c: MixerConfig, batch_size: int, *, variant: str | None = None, optimizer: str = "adamw",
                           ema: bool = False, frozen: bool = False, models: int = 1, processes: int = 1,
-                          device: str | None = None) -> int:
+                          device: str | None = None, grad_checkpointing: bool = False) -> int:
     """Refuse (naming batch_size, the variant and image_shape) a training step that cannot fit in memory.
 
     `processes`: ranks sharing this machine's RAM (on GPUs each has its own). Returns the bytes needed.
     """
-    persistent, per_image, step = _terms(c, optimizer, ema, frozen, models)
-    need = _with_slack(training_memory(c, batch_size, optimizer=optimizer, ema=ema, frozen=frozen, models=models))
+    persistent, per_image, step = _terms(c, optimizer, ema, frozen, models, grad_checkpointing)
+    need = _with_slack(training_memory(c, batch_size, optimizer=optimizer, ema=ema, frozen=frozen, models=models,
+                                       grad_checkpointing=grad_checkpointing))
     have, where = available_memory(device)
     shared = processes if where == "RAM" else 1
     if need * shared <= have:

@@ -36,6 +36,17 @@ class Source:
     skipped: list[dict] = field(default_factory=list)          # files not decoded, with the reason
     label_conflicts: list[dict] = field(default_factory=list)  # CSV paths given two or more labels
     duplicate_rows: int = 0                                     # CSV rows that repeat an earlier one
+    given_splits: tuple[str, ...] = ()  # a pre-split folder (train/ val/ test/): the splits it has; each item's
+    # path then starts with its split's folder (see `split_of`)
+
+    def split_of(self, rel: str) -> str:
+        """The split a pre-split folder gives an item (its top folder's, `valid` and `validation` as `val`)."""
+        return SPLIT_FOLDERS[rel.split("/", 1)[0]]
+
+
+# A folder whose top-level folders are all of these, `train` among them, is split already (the timm and
+# torchvision ImageFolder layout, root/train/<class>/...): the classes are the folders below them.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 def export_digits(dest: Path) -> Path:
@@ -94,13 +105,40 @@ def scan_folder(root: Path) -> Source:
             raise MixerError(f"class folder {printable(root / name)} is a link out of the data folder; copy the "
                              "images into it instead")
     if not classes:
-        raise MixerError(f"data folder {root} has no class sub-folders")
+        raise MixerError(f"data folder {printable(root)} has no class sub-folders: put each class's images in a "
+                         f"folder of its own ({printable(root)}/<class>/...)")
+    if "train" in classes and set(classes) <= set(SPLIT_FOLDERS):
+        return _scan_split_folder(root, classes)
     items: list[tuple[str, str]] = []
     skipped: list[dict] = []
     seen = {_identity(root)}
     for name in classes:
         _walk(root, root / name, name, seen, items, skipped, inside=inside)
     return Source(root, sorted(items), classes, skipped)
+
+
+def _scan_split_folder(root: Path, splits: list[str]) -> Source:
+    """root/<split>/<class>/...: every split's class folders, scanned as `scan_folder` scans one folder."""
+    named = [SPLIT_FOLDERS[s] for s in splits]
+    if len(set(named)) < len(named):
+        raise MixerError(f"data folder {printable(root)} has {' and '.join(s + '/' for s in splits if named.count(SPLIT_FOLDERS[s]) > 1)}"
+                         ": one folder per split")
+    parts = {s: scan_folder_classes(root / s) for s in splits}
+    classes = sorted(set().union(*parts.values()))
+    items: list[tuple[str, str]] = []
+    skipped: list[dict] = []
+    seen, inside = {_identity(root)}, root.resolve()
+    for split in splits:
+        for name in parts[split]:
+            found: list[tuple[str, str]] = []
+            _walk(root, root / split / name, name, seen, found, skipped, inside=inside)
+            items += found
+    return Source(root, sorted(items), classes, skipped, given_splits=tuple(sorted(set(named))))
+
+
+def scan_folder_classes(folder: Path) -> list[str]:
+    """The class folders of a split folder (as `scan_folder` names them)."""
+    return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and _stat_is_dir(e.path))
 
 
 def find_images(folder: Path) -> tuple[list[Path], list[dict]]:

@@ -20,7 +20,7 @@ import typer
 from mixer.errors import MixerError
 from mixer.text import param_text, shown
 from pipeline.allocator import keep_freed_memory
-from pipeline.params import KEYS, PARAMS_FILE, stage_keys
+from pipeline.params import KEYS, PARAMS_FILE, RENAMED, STAGES, stage_keys
 
 app = typer.Typer(help="Train MLP-Mixer image classifiers as a reproducible DVC pipeline.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False, rich_markup_mode="rich")
@@ -40,17 +40,44 @@ def _override_parameter(name: str, stage: str) -> inspect.Parameter:
     """A keyword option for params key `name`, under both spellings, defaulting to 'not given'."""
     key = KEYS[name]
     kind = typing.get_args(Optional[key.kind])[0]  # without None: Typer's type
-    text = key.declaration.help
+    if key.nullable:  # read as text, so that `null` can be given (see `_nullable_value`)
+        kind = str
+    text = key.declaration.help + (" [dim](null: none)[/dim]" if key.nullable else "")
     if key.declaration.original is not None:
         text += f" [dim](original train.py: {param_text(key.declaration.original, command_line=True)})[/dim]"
     decls = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+    decls += [f"--{old}" for (old, new) in RENAMED.items() if new == name]  # the key's old name still works
     if kind is bool:
         decls = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
-    panel = (f"params.yaml keys the {stage} stage reads (override for this run)" if name in stage_keys(stage)
-             else "other params.yaml keys (validated with the rest)")
-    option = typer.Option(*decls, help=text, rich_help_panel=panel, show_default=False)
+    reads = name in stage_keys(stage)
+    option = typer.Option(*decls, help=text, rich_help_panel=f"params.yaml keys the {stage} stage reads (override "
+                          "for this run)", show_default=False, hidden=not reads)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[kind], option])
+
+
+def _nullable_value(name: str, text: str):
+    """A nullable key's option: `null` (or `none`) is None, anything else its type's value."""
+    if text.lower() in ("null", "none", "~"):
+        return None
+    kind = typing.get_args(Optional[KEYS[name].kind])[0]
+    try:
+        return kind(text)
+    except ValueError:
+        raise MixerError(f"--{name.replace('_', '-')} must be {'an integer' if kind is int else 'a ' + kind.__name__} "
+                         f"or null, got {text!r}") from None
+
+
+def _given(stage: str, given: dict) -> dict:
+    """The overrides of a command's key options: each as its key's value; a key the stage does not read
+    is an error naming the command that does (it would do nothing here)."""
+    for name in given:
+        if stage != "check" and name not in stage_keys(stage):
+            reader = next(s for s in STAGES if name in stage_keys(s))
+            raise MixerError(f"--{name.replace('_', '-')} is read by `mixer {reader}`, not `mixer {stage}`: run "
+                             f"`mixer {reader} --{name.replace('_', '-')} ...` (or set {name} in params.yaml and "
+                             "run dvc repro)")
+    return {k: _nullable_value(k, v) if KEYS[k].nullable else v for (k, v) in given.items()}
 
 
 def stage_command(stage: str, name: str | None = None):
@@ -70,7 +97,7 @@ def stage_command(stage: str, name: str | None = None):
         def command(**kwargs):
             overrides = {k: kwargs.pop(k) for k in keys}
             try:
-                return func(overrides={k: v for (k, v) in overrides.items() if v is not None}, **kwargs)
+                return func(overrides=_given(stage, {k: v for (k, v) in overrides.items() if v is not None}), **kwargs)
             except MixerError as exc:
                 raise fail(str(exc)) from None
 
@@ -123,6 +150,10 @@ def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
               help="also checkpoint inside epochs: optimizer steps (500) or a time (90s, 10m, 2h)")] = "10m",
           mixed_precision: Annotated[str, typer.Option(help="no, bf16 or fp16 (keep 'no' on CPU)")] = "no",
           compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
+          grad_checkpointing: Annotated[bool, typer.Option(
+              "--grad-checkpointing/--no-grad-checkpointing",
+              help="recompute each block's activations in the backward: less memory (one block's activations "
+                   "at a time), about a third more compute; the same result")] = False,
           progress: Annotated[Optional[bool], typer.Option(help="progress bar (default: on a terminal)")] = None,
           log_every: Annotated[int, typer.Option(
               help="optimizer steps between reads of the running loss; several processes also agree on a stop "
@@ -142,7 +173,8 @@ def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
         raise fail(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
     if log_every < 1:
         raise fail(f"--log-every must be at least 1, got {log_every}")
-    machine = Machine(mixed_precision, compile, Every.parse(checkpoint_every), log_every=log_every)
+    machine = Machine(mixed_precision, compile, Every.parse(checkpoint_every), log_every=log_every,
+                      grad_checkpointing=grad_checkpointing)
     try:
         stage.run(params, overrides, machine, resume, progress)
     except stage.Stopped as exc:

@@ -17,7 +17,7 @@ from mixer.metrics import score
 from mixer.model import MlpMixer
 from mixer.text import markdown, param_text, shown
 from pipeline.outputs import FIGURES as FIGURES_DIR, REPORT, Plan, Target, writing
-from pipeline.params import Params, load_params
+from pipeline.params import KEYS, Params, load_params
 from pipeline.paths import FIGURES, PREPARED, REPORTS, TRAIN_LOG
 
 OUTPUTS = {name: REPORTS / name for name in ("metrics.json", "per_class.csv", "confusion.csv", "README.md")}
@@ -145,9 +145,8 @@ def read_history(folder: Path) -> pd.DataFrame | None:
 
 
 def readme(p: Params, metrics: dict) -> str:
-    keys = ["data", "image_shape", "patch_shape", "variant", "depth", "dim", "num_classes", "batch_size",
-            "optimizer", "lr", "decay", "num_steps", "warmup_step", "scheduler", "seed"]
-    # markdown(), not a code span: a value (the `data` path, a checkpoint URL) may hold a backtick, a
+    keys = [k for (k, key) in KEYS.items() if key.declaration.affects]  # every key that decides the result
+    # markdown(), not a code span: a value (the `dataset` path, a checkpoint URL) may hold a backtick, a
     # `|` or HTML, which a code span does not contain; escaped, it renders as the text it is
     rows = "\n".join(f"| `{k}` | {markdown(param_text(getattr(p, k)))} |" for k in keys)
     return f"""# Run report

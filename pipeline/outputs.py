@@ -329,7 +329,7 @@ class Record:
     def write(self) -> None:
         """Replace the record at once: a private temporary beside it, renamed over (a link there is
         replaced, never followed); an OSError is raised as it is, for the caller to word."""
-        atomic_write(self.path, json.dumps(self.data), user_error=False)
+        atomic_write(self.path, json.dumps(self.data), user_error=False, private=True)
 
     def clear(self) -> None:
         """The writer finished: nothing of its is left to clean up."""
@@ -419,6 +419,7 @@ class Staging:
     kinds: dict[Path, Kind]  # by the target's real path
     staged: list[tuple[Path, Path]] = field(default_factory=list)  # (staging path, real target)
     swapping: bool = False  # inside `commit`: if it stops there, the record must stay for the next writer
+    made_folders: list[Path] = field(default_factory=list)  # missing parents it created, outermost first
 
     def dir(self, target: Path) -> Path:
         """An empty folder that becomes `target` (a folder) at the end."""
@@ -434,8 +435,10 @@ class Staging:
         made = beside / f".{real.name}.{secrets.token_hex(4)}.partial"
         for record in self.records.values():  # whichever of these locks the next writer takes, it finds them
             record.add(made)
+        missing = [f for f in (beside, *beside.parents) if not f.exists()]
         try:
             beside.mkdir(parents=True, exist_ok=True)
+            self.made_folders.extend(reversed(missing))  # outermost first: removed last, if still empty
             if folder:
                 made.mkdir(mode=0o777)  # the umask decides, as for any folder the user makes
             else:
@@ -470,6 +473,12 @@ class Staging:
             else:
                 new.unlink(missing_ok=True)
         self.staged = []
+        for folder in reversed(self.made_folders):  # the parents it made for nothing (reports/ on a first run)
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: someone else put something there meanwhile
+                pass
+        self.made_folders = []
 
 
 def _swap_folder(new: Path, target: Path, kind: Kind, record: Record) -> None:

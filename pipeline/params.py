@@ -37,7 +37,8 @@ PARAMS_FILE = Path("params.yaml")
 class Project:
     """The keys the pipeline itself interprets: where data and weights come from and go to."""
 
-    data: str = hp("digits", "data source: 'digits' (embedded), an image folder or a CSV", stages="prepare")
+    dataset: str = hp("digits", "the images: 'digits' (embedded), an image folder (one sub-folder per class) or a "
+                      "CSV", stages="prepare")
     checkpoint: str | None = hp(None, "weights to fine-tune: a model directory, a weights file, "
                                 "hf-hub:owner/name[@revision] or an https:// URL; its input size wins "
                                 "over image_shape", stages="prepare train")
@@ -61,6 +62,7 @@ def _declared() -> dict[str, Key]:
 
 
 KEYS: dict[str, Key] = _declared()
+RENAMED = {"data": "dataset"}  # old key → new: still read, with a note
 STAGES = ("prepare", "train", "evaluate")
 
 
@@ -94,10 +96,10 @@ def stage_keys(stage: str) -> list[str]:
 
 
 def fingerprint_keys() -> list[str]:
-    """The train params that decide a run's result (a resume continues only the same values). Not
-    batch_size: the engine records the global batch, so a run may continue on another number of processes."""
-    return [k.name for k in KEYS.values()
-            if "train" in k.declaration.stages and k.declaration.affects and k.name != "batch_size"]
+    """The train params a resume compares: those that decide a run's result, less those declared not to
+    stop a continuation (batch_size: the engine compares the global batch; keep: both models are kept)."""
+    return [k.name for k in KEYS.values() if "train" in k.declaration.stages and k.declaration.affects
+            and k.declaration.fingerprint]
 
 
 def build(config: type, p, **given):
@@ -163,6 +165,11 @@ def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None) -> Para
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise MixerError(f"{path} must be a mapping of keys to values")
+    for (old, new) in RENAMED.items():
+        if old in raw and new not in raw:
+            print(f"note: {path}: key {old!r} is now called {new!r} (it named the same thing as DVC's data/ "
+                  f"folder in `dvc exp show`); rename it", file=sys.stderr)
+            raw[new] = raw.pop(old)
     known = set(KEYS)
     unknown = sorted(map(str, set(raw) - known))
     if unknown:

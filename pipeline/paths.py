@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+DATA_DIR = Path("data")              # where user data lives; dvc.yaml tracks it for prepare
 PREPARED = Path("prepared")          # decoded, split cache (a DVC output)
 REPORTS = Path("reports")            # small files committed to git
 DATA_REPORT = REPORTS / "data.json"

@@ -36,6 +36,9 @@ def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None,
         workers: int = 2, format: str = "csv") -> None:
     if format not in FORMATS:
         raise MixerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if model_spec is None and not Path(params_file).exists():  # outside a project: say how to name the model
+        raise MixerError(f"no --model given and no {params_file} here to take output_dir from; name the model: "
+                         "--model DIR (a trained model folder), hf-hub:owner/name, an https:// URL or a weights file")
     spec = model_spec or load_params(params_file).output_dir
     images, skipped = list_images(paths)
     if out is not None:  # before any work: --out is not an image it reads, a device, or a file of the user's

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
-from mixer.data import PrepareConfig, prepare
+from mixer.data import PrepareConfig, check_source, prepare
 from mixer.errors import MixerError
 from mixer.resources import check_prepare_disk
 from mixer.sources import open_source
@@ -21,7 +21,7 @@ from pipeline.paths import DATA_REPORT, PREPARED
 def plan(p: Params) -> Plan:
     """What `mixer prepare` writes and reads (checked by `mixer check` too; see pipeline.outputs)."""
     return Plan(targets=(Target(PREPARED, CACHE), Target(DATA_REPORT, REPORT)),
-                inputs=(Path(p.data),) if p.data != "digits" else ())
+                inputs=(Path(p.dataset),) if p.dataset != "digits" else ())
 
 
 def run(params_file: Path, overrides: dict, workers: int) -> dict:
@@ -30,9 +30,10 @@ def run(params_file: Path, overrides: dict, workers: int) -> dict:
     if workers < 1:
         raise MixerError(f"--workers must be at least 1, got {workers}")
     config = build(PrepareConfig, p, image_shape=input_shape(p))
-    with writing("mixer prepare", plan(p)) as staging, tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, writing("mixer prepare", plan(p)) as staging:
+        source = open_source(p.dataset, Path(scratch))
+        check_source(source, config)  # before anything is staged
         cache, data_report = staging.dir(PREPARED), staging.file(DATA_REPORT)
-        source = open_source(p.data, Path(scratch))
         check_prepare_disk(len(source.items), config.image_shape, cache)  # before decoding into a sparse file
         with Progress(transient=True, disable=not sys.stdout.isatty()) as bar:
             task = bar.add_task(f"decoding {len(source.items)} images", total=len(source.items))

@@ -25,7 +25,7 @@ from mixer.engine import Interrupted, Machine, TrainConfig, steps_per_epoch, tra
 from mixer.errors import MixerError
 from mixer.model import MixerConfig, MlpMixer, variant_fields
 from mixer.pretrained import is_remote, load_pretrained, pretrained_config
-from mixer.resources import check_training_memory
+from mixer.resources import check_training_memory, format_bytes
 from mixer.preprocess import Preprocessing
 from mixer.text import shown
 from mixer.train_state import TrainState
@@ -49,11 +49,13 @@ def architecture(p: Params, num_classes: int, image_shape: tuple[int, int]) -> M
     return build(MixerConfig, p, image_shape=image_shape, num_classes=num_classes, **fixed)
 
 
-def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 1) -> int:
+def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 1,
+                 grad_checkpointing: bool = False) -> int:
     """Refuse params whose training step cannot fit in this machine's memory; returns the estimate in bytes.
 
     `config`: the model's architecture when it is built; else the params' (or the checkpoint's),
-    with 1000 classes, a bound, when num_classes comes from the data.
+    with 1000 classes, a bound, when num_classes comes from the data. `grad_checkpointing`: the
+    machine setting (`mixer train --grad-checkpointing`), which keeps fewer activations.
     """
     if config is None and p.checkpoint is not None:
         have = pretrained_config(p.checkpoint)
@@ -62,7 +64,19 @@ def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 
         config = architecture(p, p.num_classes or 1000, p.image_shape)
     return check_training_memory(config, p.batch_size, variant=p.variant if p.checkpoint is None else None,
                                  optimizer=p.optimizer, ema=p.ema_decay > 0, frozen=p.freeze == "features",
-                                 processes=processes)
+                                 processes=processes, grad_checkpointing=grad_checkpointing)
+
+
+def memory_line(need: int, p: Params, machine: Machine) -> str:
+    """The estimate `check_memory` made, as the line `mixer train` prints before training.
+
+    The estimate counts 4-byte values: under --mixed-precision the activations are partly half-size
+    and autocast keeps half-size copies of the weights, which it does not model."""
+    precision = "fp32" + ("" if machine.mixed_precision == "no" else
+                          f" ({machine.mixed_precision} mixed precision not modelled)")
+    extras = ", activation checkpointing" if machine.grad_checkpointing else ""
+    return (f"memory: about {format_bytes(need)} for the training step (model, optimizer, activations at batch "
+            f"{p.batch_size}, precision {precision}{extras})")
 
 
 def build_model(p: Params, classes: list[str], resize: str, image_shape: tuple[int, int],
@@ -213,7 +227,7 @@ def plan(p: Params) -> Plan:
     return Plan(targets=(Target(Path(p.output_dir), MODEL, "output_dir"), Target(TRAIN_LOG, LOG),
                          Target(run_dir(p.output_dir), RUN)),
                 inputs=(PREPARED,) + ((checkpoint,) if checkpoint is not None else ()),
-                places=tuple(project_places([Path(p.data)] if p.data != "digits" else [])))
+                places=tuple(project_places([Path(p.dataset)] if p.dataset != "digits" else [])))
 
 
 def writable_folder(path: Path) -> None:
@@ -237,7 +251,8 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     image_shape = input_shape(p, pretrained.config if pretrained is not None else None)
     check_prepared(p, prepared, image_shape)
     # before the model is built (it alone may not fit); the ranks on this machine share its RAM
-    check_memory(p, pretrained and pretrained.config, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    need = check_memory(p, pretrained and pretrained.config, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                        machine.grad_checkpointing)
     model = build_model(p, prepared.classes, prepared.resize, image_shape, pretrained)
     train_split, val_split = prepared.split("train"), prepared.split("val")
     config = train_config(p)
@@ -250,6 +265,7 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
             model_dir, live_dir = staging.dir(Path(p.output_dir)), staging.dir(TRAIN_LOG)
             writable_folder(folder)
             reporter = LiveReporter(live_dir, p, bar)
+            reporter.line(memory_line(need, p, machine))
         stop_when_dvc_dies()
         try:
             result = train(model, train_split, val_split, config, model.preprocessing, folder,
@@ -257,7 +273,7 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
             if main:
                 save_model(result.model, model_dir,
                            source=None if model.source is None else {"fine_tuned_from": model.source},
-                           trained_on=trained_on(p, prepared))
+                           trained_on=trained_on(p, prepared), kept=result.kept)
                 reporter.end()
         except Interrupted as exc:
             raise Stopped(str(exc), stop.signum) from None

@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 def write_params(path: Path, **overrides) -> Path:
     """The committed params.yaml with some keys changed."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if "data" in overrides:  # the key's old name, still used by tests written before the rename
+        overrides["dataset"] = overrides.pop("data")
     params.update(overrides)
     path.write_text(yaml.safe_dump(params))
     return path
@@ -58,3 +60,19 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) 
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images", {"cat": 12, "dog": 12, "fox": 12})
+
+
+def make_photo_folder(root: Path, classes: dict[str, int], seed: int = 0) -> Path:
+    """Photo-like images a model can learn: JPEGs and PNGs of varied sizes, each class its own colour and
+    stripe direction under noise."""
+    rng = np.random.default_rng(seed)
+    for (c, (name, n)) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = int(rng.integers(20, 48)), int(rng.integers(20, 48))
+            base = np.zeros((h, w, 3))
+            base[..., c % 3] = 180
+            stripes = (np.arange(w)[None, :] if c % 2 else np.arange(h)[:, None]) // 3 % 2 * 60
+            pixels = np.clip(base + stripes[..., None] + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"photo{i:03d}.{'jpg' if i % 2 else 'png'}")
+    return root

@@ -9,8 +9,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import make_image_folder, write_params
+from conftest import ROOT, make_image_folder, write_params
 from pipeline.cli import app
+from pipeline.params import KEYS, STAGES, stage_keys
 
 ORIGINAL_FLAGS = ["image_shape", "patch_shape", "depth", "dim", "num_classes", "checkpoint", "output_dir",
                   "batch_size", "lr", "momentum", "decay", "num_steps", "warmup_step", "scheduler"]
@@ -291,3 +292,54 @@ def test_import_weights_never_overwrites_by_surprise(runner, project):
     assert runner.invoke(app, ["import-weights", "w.safetensors", "m", "--force"]).exit_code == 0
     result = runner.invoke(app, ["import-weights", ".", "m2"])
     assert result.exit_code == 2 and "is a folder, not a weights file" in result.output
+
+
+def _example(name):
+    """A valid command-line value of key `name` (its params.yaml value), as option arguments."""
+    value = yaml.safe_load((ROOT / "params.yaml").read_text())[name]
+    if KEYS[name].kind is bool:
+        return [f"--{name.replace('_', '-')}" if value else f"--no-{name.replace('_', '-')}"]
+    values = value if isinstance(value, list) else [value]
+    return [f"--{name.replace('_', '-')}", *["null" if v is None else str(v) for v in values]]
+
+
+WRONG_COMMAND = [(command, name) for command in STAGES for name in KEYS if name not in stage_keys(command)]
+
+
+@pytest.mark.parametrize(("command", "name"), WRONG_COMMAND, ids=[f"{c}-{n}" for (c, n) in WRONG_COMMAND])
+def test_a_key_given_to_a_command_that_does_not_read_it_names_the_one_that_does(runner, project, command, name):
+    before = sorted(p.name for p in project.iterdir())
+    result = runner.invoke(app, [command, *_example(name)])
+    reader = next(s for s in STAGES if name in stage_keys(s))
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: --{name.replace('_', '-')} is read by `mixer {reader}`, not "
+                                    f"`mixer {command}`")
+    assert sorted(p.name for p in project.iterdir()) == before
+
+
+@pytest.mark.parametrize("name", [n for n in KEYS if KEYS[n].nullable])
+def test_every_nullable_key_takes_null_on_the_command_line(name):
+    """`--checkpoint null`, `--num-classes null`: None for this run, whatever params.yaml says."""
+    from pipeline import cli
+
+    assert cli._nullable_value(name, "null") is None and cli._nullable_value(name, "None") is None
+    kind = __import__("typing").get_args(__import__("typing").Optional[KEYS[name].kind])[0]
+    value = cli._nullable_value(name, "7")
+    assert type(value) is kind and value == kind("7")  # the key's own type: 7 for an int key, "7" for text
+
+
+def test_null_on_the_command_line_reaches_the_run(runner, project, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("pipeline.check.run", lambda params, overrides: seen.update(overrides))
+    result = runner.invoke(app, ["check", "--num-classes", "null", "--checkpoint", "null", "--token-hidden", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"num_classes": None, "checkpoint": None, "token_hidden": 3}
+    result = runner.invoke(app, ["check", "--num-classes", "many"])
+    assert result.exit_code == 2 and result.output == "error: --num-classes must be an integer or null, got 'many'\n"
+
+
+def test_predict_outside_a_project_says_to_name_the_model(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["predict", "img.jpg"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith("error: no --model given and no params.yaml here") and "--model DIR" in result.output

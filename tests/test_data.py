@@ -184,7 +184,7 @@ def test_csv_sources(tmp_path):
 @pytest.mark.parametrize(("case", "message"), [
     ("missing", "data folder {root} does not exist"),
     ("empty", "data folder {root} has no class sub-folders"),
-    ("one_class", "has 1 class; at least 2 are needed"),
+    ("one_class", "has 1 class (a); a classifier needs at least 2"),
     ("no_usable", "class 'b' in {root} has no usable image"),
     ("columns", "needs columns path,label or id,breed; it has file,kind"),
     ("unlabelled", "1 labelled image(s) do not exist, e.g. 'b/ghost.png'"),

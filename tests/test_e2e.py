@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -170,14 +171,23 @@ def test_fine_tune_an_imported_checkpoint_through_dvc(repo):
 
 
 def test_dvc_repro_on_a_user_image_folder(repo):
-    from conftest import make_image_folder
+    from conftest import make_photo_folder
 
-    make_image_folder(repo / "data" / "shapes", {"circle": 40, "square": 40, "star": 40}, size=(20, 16))
-    ok(["dvc", "exp", "run", "-S", "data=data/shapes", "-S", "num_classes=null"], repo)
+    make_photo_folder(repo / "data" / "shapes", {"circle": 40, "square": 40, "star": 40})
+    ok(["dvc", "exp", "run", "-S", "dataset=data/shapes"], repo)  # the folder alone: num_classes is null
     report = json.loads((repo / "reports" / "data.json").read_text())
     assert report["classes"] == ["circle", "square", "star"]
     assert sum(sum(c.values()) for c in report["counts"].values()) == 120
     assert json.loads((repo / "output" / "config.json").read_text())["class_names"] == ["circle", "square", "star"]
+    assert json.loads((repo / "reports" / "metrics.json").read_text())["accuracy"] > 1 / 3  # beats chance
+    # the README's `dvc exp show` shows what people compare, and does not crash on a column name
+    command = next(shlex.split(line.split("  #")[0]) for line in (ROOT / "README.md").read_text().splitlines()
+                   if line.startswith("dvc exp show --drop"))
+    table = ok([*command, "--no-pager", "--csv"], repo)
+    header = table.splitlines()[0].split(",")
+    assert {"Experiment", "accuracy", "dataset", "depth", "dim", "num_steps"} <= set(header), header
+    assert len(header) <= 12, header
+    assert "data/shapes" in table
 
 
 # ---- preemption: dvc repro killed at any moment continues ---------------------------------------
@@ -327,7 +337,7 @@ def test_a_queued_grid_on_a_tracked_folder_ranks_and_applies(repo):
 
     make_image_folder(repo / "data" / "shapes", {"a": 30, "b": 30}, size=(12, 12))
     ok(["dvc", "add", "data/shapes"], repo)
-    set_params(repo, data="data/shapes", num_classes=None, batch_size=16)
+    set_params(repo, dataset="data/shapes", num_classes=None, batch_size=16)
     ok(["git", "add", "-A"], repo)
     ok(["git", "commit", "-qm", "shapes"], repo)
     ok(["dvc", "exp", "run", "--queue", "-S", "depth=1,2"], repo)

@@ -418,3 +418,18 @@ def test_the_next_batch_is_gathered_while_the_loop_works_on_this_one():
         if k + 1 < 4:  # a failsafe timeout: without a reader ahead the event never comes
             assert started[k + 1].wait(timeout=60), f"batch {k + 1} was not gathered while batch {k} was in use"
     assert next(reader, None) is None
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_keep_delivers_the_best_val_epoch_or_the_last_and_says_which(tmp_path, keep):
+    result = run(tmp_path / "run", config(epochs=4, lr=0.05, keep=keep))
+    accuracies = [m["val/accuracy"] for m in result.state.history]
+    epoch = accuracies.index(max(accuracies)) + 1 if keep == "best" else 4
+    assert result.kept == {"keep": keep, "epoch": epoch, "of": 4, "val_accuracy": accuracies[epoch - 1]}
+    best = load_model(tmp_path / "run" / train_state.BEST).state_dict()
+    last = torch.load(tmp_path / "run" / train_state.LAST, weights_only=True)["model"]
+    delivered = result.model.state_dict()
+    same_as = {name: all(torch.equal(delivered[k], ref[k]) for k in delivered) for (name, ref) in
+               (("best", best), ("last", last))}
+    assert accuracies.index(max(accuracies)) + 1 < 4  # this run peaks early: best and last differ
+    assert same_as[keep] and not same_as["last" if keep == "best" else "best"]

@@ -27,13 +27,13 @@ def test_the_temporary_is_private_and_beside_the_target(tmp_path):
     seen = []
 
     def write(tmp):
-        seen.append(tmp)
+        seen.append((tmp, stat.S_IMODE(os.stat(tmp).st_mode)))
         tmp.write_text("x")
 
     atomic_write(tmp_path / "f.txt", write)
-    (tmp,) = seen
+    ((tmp, mode),) = seen
     assert tmp.parent == tmp_path and tmp.name.startswith(".f.txt.") and tmp.name.endswith(".tmp")
-    assert stat.S_IMODE(os.stat(tmp_path / "f.txt").st_mode) == 0o600
+    assert mode == 0o600  # private while it is written; the finished file gets the user's mode (below)
 
 
 def test_a_link_at_the_target_is_replaced_not_followed(tmp_path):
@@ -94,3 +94,14 @@ def test_file_kind_names_special_files(tmp_path):
     assert file_kind(os.stat(tmp_path / "fifo").st_mode) == "FIFO"
     assert file_kind(stat.S_IFSOCK) == "socket" and file_kind(stat.S_IFCHR) == "character device"
     assert file_kind(stat.S_IFBLK) == "block device" and file_kind(0) == "special file"
+
+
+def test_a_written_file_gets_the_users_mode_and_a_private_one_0600(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "model.safetensors", b"weights")
+        atomic_write(tmp_path / "record.json", "{}", private=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "record.json").stat().st_mode) == 0o600

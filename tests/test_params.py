@@ -116,7 +116,7 @@ BAD = [
     ({"randaugment_n": -1}, "randaugment_n must be 0 or more, got -1"),
     ({"randaugment_m": 31}, "randaugment_m must be in 0..30, got 31"),
     ({"strict": "yes"}, "strict must be true or false, got 'yes'"),
-    ({"data": ""}, "data must be a non-empty string, got ''"),
+    ({"dataset": ""}, "dataset must be a non-empty string, got ''"),
     ({"token_hidden": 0}, "token_hidden must be at least 1 or null"),
     ({"seed": -1}, "seed must be in 0 .. 2**32 - 1, got -1"),
     ({"seed": 2**32}, "seed must be in 0 .. 2**32 - 1, got 4294967296"),

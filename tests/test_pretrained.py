@@ -227,3 +227,43 @@ def test_a_cut_download_never_enters_the_cache_and_a_wrong_checksum_keeps_a_good
     finally:
         server.close()
     assert path.read_bytes() == b"weights"  # the good file is kept
+
+
+def test_without_a_network_the_hub_cache_alone_answers_after_one_short_attempt(hub, tmp_path):
+    """HF_HUB_OFFLINE unset and the hub unreachable (its endpoint a closed local port): a cached model
+    loads, one that is not is one line saying there is no connection, without huggingface_hub's
+    retries; the attempt is made once a process."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {"HF_HOME": str(hub), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint}
+    cached = mixer(["import-weights", "hf-hub:someone/mixer-tiny", "out"], tmp_path, **env)
+    assert cached.returncode == 0, cached.stderr
+    absent = mixer(["import-weights", "hf-hub:someone/absent", "out2"], tmp_path, **env)
+    assert absent.returncode == 2 and absent.stderr.count("\n") == 1, absent.stderr
+    assert f"hf-hub:someone/absent: not in the local hub cache and cannot be downloaded (no connection to " \
+           f"{endpoint})" in absent.stderr
+    assert "Retrying" not in absent.stderr and "Traceback" not in absent.stderr
+
+
+def test_the_reachability_attempt_is_made_once_and_a_proxy_counts_as_reachable(monkeypatch):
+    from mixer import pretrained
+
+    attempts = []
+
+    def refuse(address, timeout):
+        attempts.append((address, timeout))
+        raise OSError("refused")
+
+    monkeypatch.setattr(pretrained.socket, "create_connection", refuse)
+    for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    pretrained.hub_reachable.cache_clear()
+    assert pretrained.hub_reachable() is False and pretrained.hub_reachable() is False
+    assert len(attempts) == 1 and attempts[0][1] == 3.0
+    pretrained.hub_reachable.cache_clear()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert pretrained.hub_reachable() is True and len(attempts) == 1
+    pretrained.hub_reachable.cache_clear()

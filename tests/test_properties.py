@@ -207,7 +207,7 @@ def test_any_data_folder_prepares_consistently_or_is_one_line(case):
         project = Path(folder)
         mp.chdir(project)
         base = dict(COMMITTED, image_shape=[8, 8], patch_shape=[2, 2], num_classes=None, strict=False)
-        (project / "params.yaml").write_text(yaml.safe_dump(dict(base, data="good")))
+        (project / "params.yaml").write_text(yaml.safe_dump(dict(base, dataset="good")))
         for (name, n) in (("a", 6), ("b", 6)):  # a prepared cache and report the user already has
             (project / "good" / name).mkdir(parents=True)
             for i in range(n):
@@ -215,7 +215,7 @@ def test_any_data_folder_prepares_consistently_or_is_one_line(case):
         assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
         before = snapshot(project / "prepared"), snapshot(project / "reports")
         build(project / "data", recipe)
-        (project / "params.yaml").write_text(yaml.safe_dump(dict(base, data="data")))
+        (project / "params.yaml").write_text(yaml.safe_dump(dict(base, dataset="data")))
         result = runner.invoke(app, ["prepare", "--workers", "1"])
         event(f"exit {result.exit_code}" + (" (a valid folder)" if valid else ""))
         if valid:  # a folder of good images prepares, into a cache of its own classes

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import ROOT, write_params
+from conftest import ROOT, make_image_folder, write_params
 from mixer.checkpoint import save_model
 from mixer.data import write_csv
 from mixer.model import create_model
@@ -190,8 +190,8 @@ def import_weights(tmp_path):
 
 def check(tmp_path):
     data = tmp_path / ("data" + OSC52 + "\u202e")
-    data.mkdir()
-    write_params(tmp_path / "params.yaml", data=str(data))
+    make_image_folder(data, {"a": 1, "b": 1})  # a valid folder: check lists it and prints its name
+    write_params(tmp_path / "params.yaml", data=str(data), num_classes=None)
     return ["check"], 0
 
 
@@ -245,11 +245,11 @@ def test_the_run_report_escapes_params_values():
     metrics = {"accuracy": 0.5, "top5_accuracy": 1.0, "loss": 1.0, "test_images": 3,
                "val": {"accuracy": 0.5, "top5_accuracy": 1.0, "loss": 1.0},
                "data": {"prepared": "0" * 64, "matches_model": True}}
-    text = readme(Params(data=data), metrics)
+    text = readme(Params(dataset=data), metrics)
     assert raw_controls(text) == [] and "<img" not in text and not re.search(r"(?<!\\)\]\(http://evil", text)
-    row = next(line for line in text.splitlines() if line.startswith("| `data` |"))
+    row = next(line for line in text.splitlines() if line.startswith("| `dataset` |"))
     assert len(re.findall(r"(?<!\\)\|", row.replace("\\\\", ""))) == 3  # the value stays in its cell
-    assert row == f"| `data` | {markdown(data)} |"
+    assert row == f"| `dataset` | {markdown(data)} |"
 
 
 def test_predictions_csv_is_safe_to_open_in_a_spreadsheet(tmp_path):
