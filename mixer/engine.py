@@ -358,15 +358,14 @@ class _Run:
         for a stop request or a due checkpoint after every step (host flags, no sync); several processes
         agree on them only at those reads, since agreeing is a collective that waits for all of them."""
         state, several = self.state, self.accelerator.num_processes > 1
-        read = state.step % machine.log_every == 0
-        if read:
-            so_far = sums.read(self.accelerator, config, epoch)
+        so_far = sums.read(self.accelerator, config, epoch) if state.step % machine.log_every == 0 else None
+        if so_far is not None:
             self.reporter.progress(state, so_far.loss / max(so_far.images, 1))
-        if several and not read:
+        elif several:
             return
         stop, due = self.agree(machine.stop, self.timer.due(state.step))
-        if stop or due:
-            self.checkpoint(sums.read(self.accelerator, config, epoch))
+        if stop or due:  # the sums just read, or (one process, between reads) read now
+            self.checkpoint(so_far or sums.read(self.accelerator, config, epoch))
         if stop:
             raise Interrupted(state, Path(self.run_dir) / train_state.LAST)
 

@@ -100,6 +100,11 @@ class Key:
     def nullable(self) -> bool:
         return _nullable(self.kind)[1]
 
+    @property
+    def base(self):
+        """The type without None (`int` for `int | None`)."""
+        return _nullable(self.kind)[0]
+
 
 def keys(config: type) -> list[Key]:
     """The hyperparameters `config` declares, in field order."""

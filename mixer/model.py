@@ -265,6 +265,11 @@ def create_model(variant: str | None = None, **fields_: object) -> MlpMixer:
 
     Hidden widths left out (or None) follow the paper's ratios: D_S = dim/2, D_C = 4·dim.
     """
+    return MlpMixer(variant_config(variant, **fields_))
+
+
+def variant_config(variant: str | None = None, **fields_: object) -> MixerConfig:
+    """The architecture `create_model` builds, without building it (no weights, no random draws)."""
     explicit = {k: v for (k, v) in fields_.items() if v is not None}
     settings: dict = variant_fields(variant) if variant else {}
     if "dim" in explicit:  # a new width re-derives the hidden widths unless they are given too
@@ -272,6 +277,6 @@ def create_model(variant: str | None = None, **fields_: object) -> MlpMixer:
         settings.pop("channel_hidden", None)
     settings.update(explicit)
     try:
-        return MlpMixer(MixerConfig(**settings))
+        return MixerConfig(**settings)
     except TypeError as exc:  # an unknown field name
         raise MixerError(f"create_model: {exc}") from None

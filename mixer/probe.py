@@ -48,7 +48,8 @@ class Features:
         if self.features is None:
             self.features = self._compute()
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        return self.features[index], torch.from_numpy(self.labels[rows])
+        features, labels = self.features[index], torch.from_numpy(self.labels[rows])
+        return (features.pin_memory(), labels.pin_memory()) if pin else (features, labels)
 
     @staticmethod
     def on_device(features: Tensor) -> Tensor:

@@ -96,14 +96,8 @@ def scan_folder(root: Path) -> Source:
         raise MixerError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise MixerError(f"data {root} is neither a folder nor a CSV file")
-    classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _stat_is_dir(e.path))
     inside = root.resolve()
-    for name in classes:
-        if not _is_utf8(name):
-            raise MixerError(f"class folder {printable(root / name)} has a name that is not UTF-8; rename it")
-        if not (root / name).resolve().is_relative_to(inside):  # DVC tracks the folder, not what a link reaches
-            raise MixerError(f"class folder {printable(root / name)} is a link out of the data folder; copy the "
-                             "images into it instead")
+    classes = _class_folders(root, inside)
     if not classes:
         raise MixerError(f"data folder {printable(root)} has no class sub-folders: put each class's images in a "
                          f"folder of its own ({printable(root)}/<class>/...)")
@@ -123,22 +117,32 @@ def _scan_split_folder(root: Path, splits: list[str]) -> Source:
     if len(set(named)) < len(named):
         raise MixerError(f"data folder {printable(root)} has {' and '.join(s + '/' for s in splits if named.count(SPLIT_FOLDERS[s]) > 1)}"
                          ": one folder per split")
-    parts = {s: scan_folder_classes(root / s) for s in splits}
+    inside = root.resolve()
+    parts = {s: _class_folders(root / s, inside) for s in splits}
     classes = sorted(set().union(*parts.values()))
     items: list[tuple[str, str]] = []
     skipped: list[dict] = []
-    seen, inside = {_identity(root)}, root.resolve()
+    seen = {_identity(root)}
     for split in splits:
         for name in parts[split]:
-            found: list[tuple[str, str]] = []
-            _walk(root, root / split / name, name, seen, found, skipped, inside=inside)
-            items += found
+            _walk(root, root / split / name, name, seen, items, skipped, inside=inside)
     return Source(root, sorted(items), classes, skipped, given_splits=tuple(sorted(set(named))))
 
 
-def scan_folder_classes(folder: Path) -> list[str]:
-    """The class folders of a split folder (as `scan_folder` names them)."""
-    return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and _stat_is_dir(e.path))
+def _class_folders(folder: Path, inside: Path) -> list[str]:
+    """The names of `folder`'s class folders (not hidden), each a UTF-8 name that stays inside the (resolved)
+    data folder `inside`: DVC tracks the data folder, not what a link out of it reaches."""
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and _stat_is_dir(e.path))
+    except OSError as exc:
+        raise MixerError(f"cannot list data folder {printable(folder)}: {exc.strerror}") from None
+    for name in names:
+        if not _is_utf8(name):
+            raise MixerError(f"class folder {printable(folder / name)} has a name that is not UTF-8; rename it")
+        if not (folder / name).resolve().is_relative_to(inside):
+            raise MixerError(f"class folder {printable(folder / name)} is a link out of the data folder; copy the "
+                             "images into it instead")
+    return names
 
 
 def find_images(folder: Path) -> tuple[list[Path], list[dict]]:

@@ -39,7 +39,7 @@ def fail(message: str) -> typer.Exit:
 def _override_parameter(name: str, stage: str) -> inspect.Parameter:
     """A keyword option for params key `name`, under both spellings, defaulting to 'not given'."""
     key = KEYS[name]
-    kind = typing.get_args(Optional[key.kind])[0]  # without None: Typer's type
+    kind = key.base  # without None: Typer's type
     if key.nullable:  # read as text, so that `null` can be given (see `_nullable_value`)
         kind = str
     text = key.declaration.help + (" [dim](null: none)[/dim]" if key.nullable else "")
@@ -60,7 +60,7 @@ def _nullable_value(name: str, text: str):
     """A nullable key's option: `null` (or `none`) is None, anything else its type's value."""
     if text.lower() in ("null", "none", "~"):
         return None
-    kind = typing.get_args(Optional[KEYS[name].kind])[0]
+    kind = KEYS[name].base
     try:
         return kind(text)
     except ValueError:

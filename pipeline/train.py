@@ -23,7 +23,7 @@ from mixer.checkpoint import save_model
 from mixer.data import Prepared, open_prepared
 from mixer.engine import Interrupted, Machine, TrainConfig, steps_per_epoch, train
 from mixer.errors import MixerError
-from mixer.model import MixerConfig, MlpMixer, variant_fields
+from mixer.model import MixerConfig, MlpMixer, variant_config
 from mixer.pretrained import is_remote, load_pretrained, pretrained_config
 from mixer.resources import check_training_memory, format_bytes
 from mixer.preprocess import Preprocessing
@@ -42,11 +42,10 @@ def train_config(p: Params) -> TrainConfig:
 
 def architecture(p: Params, num_classes: int, image_shape: tuple[int, int]) -> MixerConfig:
     """The architecture the params ask for: their fields, or a paper variant's (hidden widths given still win)."""
-    fixed = variant_fields(p.variant) if p.variant is not None else {}
-    for key in ("token_hidden", "channel_hidden"):
-        if getattr(p, key) is not None:
-            fixed.pop(key, None)
-    return build(MixerConfig, p, image_shape=image_shape, num_classes=num_classes, **fixed)
+    if p.variant is None:
+        return build(MixerConfig, p, image_shape=image_shape, num_classes=num_classes)
+    return variant_config(p.variant, image_shape=image_shape, num_classes=num_classes, token_hidden=p.token_hidden,
+                          channel_hidden=p.channel_hidden, dropout=p.dropout, drop_path=p.drop_path)
 
 
 def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 1,

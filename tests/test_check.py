@@ -128,3 +128,16 @@ def test_a_pre_split_folder_is_used_as_the_split(tmp_path, monkeypatch, layout):
         assert len(rows) == 4 and set(rows["path"].str.split("/").str[0]) == {"train"}, split
     assert json.loads((tmp_path / "prepared" / "prepared.json").read_text())["split"]["given"] == \
         sorted({named.get(s, s) for s in layout})
+
+
+def test_a_pre_split_folders_class_linked_out_of_it_is_refused_as_in_a_plain_folder(tmp_path, monkeypatch):
+    from conftest import make_photo_folder
+
+    monkeypatch.chdir(tmp_path)
+    make_photo_folder(tmp_path / "data" / "photos" / "train", {"cat": 4})
+    make_photo_folder(tmp_path / "elsewhere", {"dog": 4})
+    os.symlink(tmp_path / "elsewhere" / "dog", tmp_path / "data" / "photos" / "train" / "dog")
+    write_params(tmp_path / "params.yaml", data="data/photos", num_classes=None)
+    result = CliRunner().invoke(app, ["check"])
+    assert result.exit_code == 2, result.output
+    assert "class folder data/photos/train/dog is a link out of the data folder" in result.output

@@ -323,7 +323,7 @@ def test_every_nullable_key_takes_null_on_the_command_line(name):
     from pipeline import cli
 
     assert cli._nullable_value(name, "null") is None and cli._nullable_value(name, "None") is None
-    kind = __import__("typing").get_args(__import__("typing").Optional[KEYS[name].kind])[0]
+    kind = KEYS[name].base
     value = cli._nullable_value(name, "7")
     assert type(value) is kind and value == kind("7")  # the key's own type: 7 for an int key, "7" for text
 

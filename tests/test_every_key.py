@@ -43,7 +43,7 @@ IMAGES = 96
 
 def candidates(key, value) -> list:
     """Other values of the key's type, nearest first; the rule and the other params sort out which are valid."""
-    kind = typing.get_args(typing.Optional[key.kind])[0]
+    kind = key.base
     if key.name in EXAMPLES:
         return EXAMPLES[key.name]
     rule = key.declaration.rule
