@@ -96,12 +96,22 @@ def _write(chunk: pd.DataFrame, sink, format: str, first: bool) -> None:
 
 
 def _print_table(console: Console, table: pd.DataFrame) -> None:
+    """One line per image: the path (its end, if it takes over half the terminal: the file name is what the
+    user looks for), then the top-k as one column that wraps, and the error column only when an image
+    could not be read."""
+    room = max(20, console.width // 2)
+    labels = [c for c in table.columns if c.startswith("label_")]
+    failed = bool((table["error"] != "").any())
     view = Table(title=f"{len(table)} image(s)")
-    for column in table.columns:
-        view.add_column(column, overflow="fold")
-    for row in table.itertuples(index=False):  # Text, not markup: a file may be called "[bold]x.jpg"
+    view.add_column("path", no_wrap=True)
+    view.add_column(f"top {len(labels)}", overflow="fold")
+    if failed:
+        view.add_column("error", overflow="fold")
+    for row in table.to_dict("records"):  # Text, not markup: a file may be called "[bold]x.jpg"
         # shown: rich passes ESC through, so a file or class name could drive the terminal
-        view.add_row(*[Text(f"{v:.4f}" if isinstance(v, float) else shown(v)) for v in row])
+        top = "  ".join(f"{shown(row[c])} {row['prob_' + c[6:]]:.2f}" for c in labels if row[c] != "")
+        path = shown(row["path"])
+        view.add_row(Text(path if len(path) <= room else "…" + path[1 - room:]), Text(top), *([Text(shown(row["error"]))] if failed else []))
     console.print(view)
 
 

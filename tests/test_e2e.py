@@ -42,20 +42,31 @@ def set_params(repo: Path, **changes) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    """The tracked files of this repository in a fresh git repo, with tiny params, committed."""
-    dest = tmp_path_factory.mktemp("template")
+def commit_tracked(dest: Path, **params) -> Path:
+    """The tracked files of this repository in a fresh git repo at `dest`, with `params` set, committed."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
-    set_params(dest, **TINY)
+    if params:
+        set_params(dest, **params)
     ok(["git", "init", "-q"], dest)
     ok(["git", "add", "-A"], dest)
     ok(["git", "commit", "-qm", "copy"], dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """The tracked files of this repository in a fresh git repo, with tiny params, committed."""
+    return commit_tracked(tmp_path_factory.mktemp("template"), **TINY)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    """This repository as a user finds it, its params.yaml untouched: what `git clone` is given."""
+    return commit_tracked(tmp_path_factory.mktemp("published"))
 
 
 @pytest.fixture
@@ -170,20 +181,36 @@ def test_fine_tune_an_imported_checkpoint_through_dvc(repo):
         assert (control.forward_features(images) - imported.forward_features(images)).abs().max() > 1e-2
 
 
-def test_dvc_repro_on_a_user_image_folder(repo):
+@pytest.mark.parametrize("layout", ["class_folders", "train_val"])
+def test_a_fresh_clone_trains_on_a_photo_folder_setting_only_the_dataset(published, tmp_path, layout):
+    """A newcomer's path: clone, put photos under data/, change the one line of params.yaml, dvc repro."""
     from conftest import make_photo_folder
 
-    make_photo_folder(repo / "data" / "shapes", {"circle": 40, "square": 40, "star": 40})
-    ok(["dvc", "exp", "run", "-S", "dataset=data/shapes"], repo)  # the folder alone: num_classes is null
-    report = json.loads((repo / "reports" / "data.json").read_text())
-    assert report["classes"] == ["circle", "square", "star"]
-    assert sum(sum(c.values()) for c in report["counts"].values()) == 120
-    assert json.loads((repo / "output" / "config.json").read_text())["class_names"] == ["circle", "square", "star"]
-    assert json.loads((repo / "reports" / "metrics.json").read_text())["accuracy"] > 1 / 3  # beats chance
+    clone = tmp_path / "clone"
+    ok(["git", "clone", "-q", str(published), str(clone)], tmp_path)
+    shapes = clone / "data" / "shapes"
+    classes = ["circle", "square", "star"]
+    if layout == "class_folders":
+        make_photo_folder(shapes, dict.fromkeys(classes, 40))
+    else:  # timm's layout: the split is the folders'; test/ is cut from train/
+        make_photo_folder(shapes / "train", dict.fromkeys(classes, 40))
+        make_photo_folder(shapes / "val", dict.fromkeys(classes, 8), seed=1)
+    params = (clone / "params.yaml").read_text()
+    assert params.count("\ndataset: digits ") == 1
+    (clone / "params.yaml").write_text(params.replace("\ndataset: digits ", "\ndataset: data/shapes "))
+    ok(["dvc", "repro"], clone)
+    report = json.loads((clone / "reports" / "data.json").read_text())
+    assert report["classes"] == classes
+    counts = {split: sum(c.values()) for (split, c) in report["counts"].items()}
+    assert sum(counts.values()) == (120 if layout == "class_folders" else 144), counts
+    if layout == "train_val":
+        assert counts["val"] == 24, counts
+    assert json.loads((clone / "output" / "config.json").read_text())["class_names"] == classes
+    assert json.loads((clone / "reports" / "metrics.json").read_text())["accuracy"] > 1 / 3  # beats chance
     # the README's `dvc exp show` shows what people compare, and does not crash on a column name
     command = next(shlex.split(line.split("  #")[0]) for line in (ROOT / "README.md").read_text().splitlines()
                    if line.startswith("dvc exp show --drop"))
-    table = ok([*command, "--no-pager", "--csv"], repo)
+    table = ok([*command, "--no-pager", "--csv"], clone)
     header = table.splitlines()[0].split(",")
     assert {"Experiment", "accuracy", "dataset", "depth", "dim", "num_steps"} <= set(header), header
     assert len(header) <= 12, header

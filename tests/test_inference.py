@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -207,3 +208,25 @@ def test_onnx_export_parity_and_dynamic_batch(model_dir):
             expected = model(x).numpy()
         got = session.run(None, {"images": x.numpy()})[0]
         assert got.shape == (batch, 6) and np.abs(got - expected).max() <= 1e-4
+
+
+def test_the_predict_table_keeps_each_path_on_one_line_at_the_default_top_k(model_dir, images, monkeypatch):
+    """At 80 columns the eleven columns of top-5 wrapped every path over three lines."""
+    monkeypatch.chdir(images.parent)
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["predict", images.name, "--model", str(model_dir)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for path in [str(f) for f in list_images([Path(images.name)])[0]]:
+        assert any(path in line for line in lines), (path, result.output)
+    row = next(line for line in lines if "a.png" in line)
+    assert sum(name in row for name in ("ant", "bee", "cat", "dog", "eel", "fox")) >= 3  # the top-5 beside it
+    assert "broken.png" in result.output and "error" in result.output
+
+
+def test_a_path_longer_than_half_the_terminal_shows_its_end(model_dir, images):
+    deep = images / ("d" * 70)
+    deep.mkdir()
+    (images / "a.png").rename(deep / "a.png")
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["predict", str(deep / "a.png"), "--model", str(model_dir)])
+    assert result.exit_code == 0, result.output
+    assert any(line.count("…" + "d" * 20) == 1 and "/a.png" in line for line in result.output.splitlines()), result.output
