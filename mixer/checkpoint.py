@@ -222,7 +222,8 @@ def _jax_name(key: str) -> str:
 
 def infer_config(state: dict[str, torch.Tensor], gelu: str,
                  image_shape: tuple[int, int] | None = None) -> MixerConfig:
-    """The architecture that a state dict in this project's names implies."""
+    """The architecture that a state dict in this project's names implies; `image_shape`, when its patch
+    count is the weights', says which grid they hold (a square one is inferred otherwise)."""
     try:
         stem = state["stem.weight"]
         depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -237,10 +238,12 @@ def infer_config(state: dict[str, torch.Tensor], gelu: str,
             raise MixerError(f"not an MLP-Mixer checkpoint: {name} has {tensor.dim()} dimensions, not {rank}")
     dim, in_chans, ph, pw = stem.shape
     token_hidden, num_patches = token_fc1.shape
-    if image_shape is None:
+    if image_shape is None or (image_shape[0] // ph) * (image_shape[1] // pw) != num_patches:
+        # a shape of another patch count is one to expand to (mixer.model.at_image_shape), not the weights' own
         side = math.isqrt(num_patches)
         if side * side != num_patches:
-            raise MixerError(f"{num_patches} patches is not a square grid: give the image shape")
+            raise MixerError(f"{num_patches} patches is not a square grid: give the image shape the weights were "
+                             "trained at")
         image_shape = (side * ph, side * pw)
     return MixerConfig(image_shape=tuple(image_shape), patch_shape=(ph, pw), depth=depth, dim=dim,
                        token_hidden=token_hidden, channel_hidden=channel_fc1.shape[0],

@@ -54,6 +54,9 @@ class TrainConfig:
     warmup_epochs: int = hp(3, "linear warm-up epochs", key="warmup_step", rule=at_least(0), original=10)
     scheduler: str = hp("cosine", "decay after warm-up", rule=one_of("cosine", "linear"), original="cosine")
     min_lr: float = hp(0.0, "learning-rate floor at the end of the decay (at most lr)", rule=at_least(0))
+    layer_decay: float = hp(1.0, "layer-wise lr decay: block i of depth trains at lr·layer_decay^(depth-i), the "
+                            "stem one step lower, the head at lr (BEiT, timm); 1: off",
+                            rule=Rule("in (0, 1]", lambda v: 0 < v <= 1))
     clip_grad: float = hp(1.0, "clip gradients to this global norm (0: off)", rule=at_least(0))
     label_smoothing: float = hp(0.0, "label smoothing of the cross-entropy", rule=fraction())
     grad_accum: int = hp(1, "micro-batches accumulated per optimizer step", rule=at_least(1))
@@ -194,7 +197,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     # the kernel for the device the parameters are about to move to (prepare moves them; built before, on the host)
     fused = wants_fused(accelerator.device)
     optimizer = build_optimizer(learner.module, config.optimizer, config.lr, config.momentum, config.weight_decay,
-                                fused=fused)
+                                fused=fused, layer_decay=config.layer_decay)
     scheduler = build_scheduler(optimizer, spe, config.epochs, config.warmup_epochs, config.scheduler,
                                 config.min_lr / config.lr)
     ema = make_ema(learner.module, config.ema_decay)
@@ -382,7 +385,7 @@ class _Run:
             "train/accuracy": totals.correct / totals.images,
             "val/loss": val["loss"],
             "val/accuracy": val["accuracy"],
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": max(group["lr"] for group in self.optimizer.param_groups),  # the head's, with layer_decay
             "images_per_second": (totals.images - resumed) / max(seconds, 1e-9),
         }
         best = val["accuracy"] > state.best_accuracy

@@ -280,3 +280,81 @@ def variant_config(variant: str | None = None, **fields_: object) -> MixerConfig
         return MixerConfig(**settings)
     except TypeError as exc:  # an unknown field name
         raise MixerError(f"create_model: {exc}") from None
+
+
+# ---- another resolution: the paper's fine-tuning at a higher one (Appendix C) -----------------------
+
+def grid_multiple(config: MixerConfig, image_shape: tuple[int, int]) -> tuple[int, int]:
+    """How many times, per side, the patch grid of `image_shape` holds `config`'s: (1, 1) at its own size.
+
+    Any other size is an error naming those that work: the token-mixing weights are tied to the grid,
+    and a whole multiple is what `at_image_shape` can expand them to."""
+    (height, width), (h, w) = config.image_shape, image_shape
+    if h < 1 or w < 1 or h % height or w % width:
+        (gh, gw), (ph, pw) = config.grid, config.patch_shape
+        raise MixerError(f"image_shape {list(image_shape)} does not fit weights whose token mixing is tied to a "
+                         f"{gh}x{gw} grid of {ph}x{pw} patches: give their own [{height}, {width}] or a whole multiple "
+                         f"per side, e.g. [{2 * height}, {2 * width}] (fine-tuning at a higher resolution)")
+    return (h // height, w // width)
+
+
+def config_at(config: MixerConfig, image_shape: tuple[int, int]) -> MixerConfig:
+    """The architecture `at_image_shape` gives: `image_shape`, and K = Kh·Kw times the token-mixing width."""
+    (kh, kw) = grid_multiple(config, image_shape)
+    return replace(config, image_shape=tuple(image_shape), token_hidden=config.token_hidden * kh * kw)
+
+
+def patch_groups(grid: tuple[int, int], multiple: tuple[int, int]) -> Tensor:
+    """The grouping of `at_image_shape`: for the (Kh·gh, Kw·gw) grid of patches in raster order, a (Kh·Kw,
+    gh·gw) table whose row (i·Kw + j) lists, in raster order, the patches at rows i, i + Kh, i + 2·Kh, ...
+    and columns j, j + Kw, ...: every Kh-th row and Kw-th column, from offset (i, j)."""
+    (gh, gw), (kh, kw) = grid, multiple
+    index = torch.arange(gh * kh * gw * kw).view(gh, kh, gw, kw)  # big row r·Kh + i, column c·Kw + j
+    return index.permute(1, 3, 0, 2).reshape(kh * kw, gh * gw)
+
+
+def at_image_shape(model: MlpMixer, image_shape: tuple[int, int]) -> MlpMixer:
+    """`model` for images of `image_shape`, a whole multiple (Kh·H, Kw·W) of its own (H, W); itself at (H, W).
+
+    As the paper fine-tunes at a higher resolution (Appendix C): the K = Kh·Kw times as many patches are
+    split into K groups of the original grid's size, and each token-mixing MLP becomes block-diagonal,
+    K copies of the original (hidden width K·D_S), so each group is mixed exactly as the original model
+    mixed its image; everything else acts per patch and is kept. Before any training, the pooled
+    features are the mean of the original model's over the K images the groups form.
+
+    A group is every Kh-th row and Kw-th column of patches (`patch_groups`), not a contiguous tile: each
+    group then spans the whole image, so each copy of the token-mixing weights sees the layout it was
+    trained on (the patch at relative position (y, x) of the image is still at (y, x) of its group), as
+    ViT's interpolated position embeddings keep it; a tile would be a quarter of the scene at twice the
+    zoom, an object cut in four.
+    """
+    if tuple(image_shape) == model.config.image_shape:
+        return model
+    config = config_at(model.config, image_shape)
+    multiple = grid_multiple(model.config, image_shape)
+    groups = patch_groups(model.config.grid, multiple).flatten()
+    copies = multiple[0] * multiple[1]
+    weight = next(model.parameters())
+    wider = MlpMixer(config, model.class_names, model.preprocessing).to(weight.device, weight.dtype)
+    state = model.state_dict()
+    for (name, tensor) in list(state.items()):
+        if ".token_mlp." not in name:
+            continue
+        if name.endswith("fc1.weight"):  # (D_S, S): group g's tokens feed hidden units g·D_S .. (g+1)·D_S
+            expanded = torch.empty(tensor.shape[0] * copies, tensor.shape[1] * copies, dtype=tensor.dtype)
+            expanded[:, groups] = torch.block_diag(*[tensor] * copies)
+        elif name.endswith("fc1.bias"):
+            expanded = tensor.repeat(copies)
+        elif name.endswith("fc2.weight"):  # (S, D_S)
+            expanded = torch.empty(tensor.shape[0] * copies, tensor.shape[1] * copies, dtype=tensor.dtype)
+            expanded[groups] = torch.block_diag(*[tensor] * copies)
+        else:  # fc2.bias, one per token
+            expanded = torch.empty(tensor.shape[0] * copies, dtype=tensor.dtype)
+            expanded[groups] = tensor.repeat(copies)
+        state[name] = expanded
+    wider.load_state_dict(state)
+    wider.train(model.training)
+    for attribute in ("source", "meta"):  # where the weights came from, as `mixer.pretrained` records it
+        if hasattr(model, attribute):
+            setattr(wider, attribute, getattr(model, attribute))
+    return wider

@@ -10,25 +10,45 @@ from torch import nn
 from mixer.errors import MixerError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices and conv kernels; never norms or biases (1-D tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """Decay weight matrices and conv kernels; never norms or biases (1-D tensors). Each group's
+    `lr_scale` multiplies the rate (`build_optimizer`).
+
+    `layer_decay` < 1: layer-wise rate decay, as BEiT and timm's fine-tuning recipes: with the stem as
+    layer 0, block i (0-based) as layer i + 1 and the final norm and head as layer depth + 1, a layer's
+    scale is layer_decay^(depth + 1 − layer), so block i trains at lr · layer_decay^(depth − i) and the
+    head at lr. At 1 there are two groups, decayed and not; a module without `blocks` (the probe's
+    head) is one layer."""
+    depth = len(getattr(model, "blocks", ()))
+    groups: dict[tuple[int, bool], dict] = {}
+    for (name, p) in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            layer = depth + 1 if layer_decay == 1.0 else _layer(name, depth)
+            group = groups.setdefault((layer, p.ndim <= 1), {"params": [], "lr_scale": layer_decay ** (depth + 1 - layer),
+                                                              "weight_decay": 0.0 if p.ndim <= 1 else weight_decay})
+            group["params"].append(p)
+    return [groups[key] for key in sorted(groups)]  # by layer, the decayed group first
+
+
+def _layer(name: str, depth: int) -> int:
+    if name.startswith("stem."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1  # the final norm and the head
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
-                    weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW with betas (momentum, 0.999), the paper's optimizer.
+                    weight_decay: float, fused: bool = False, layer_decay: float = 1.0) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW with betas (momentum, 0.999), the paper's optimizer; `layer_decay`:
+    see `param_groups`.
 
     `fused`: one kernel for the whole update (torch's `fused=True`, for both SGD and AdamW), which the
     engine asks for when it trains on a CUDA device; else torch's default for the device (on a CPU the
     single-tensor loop).
     The same update to float rounding.
     """
-    groups = param_groups(model, weight_decay)
+    groups = [{**group, "lr": lr * group["lr_scale"]} for group in param_groups(model, weight_decay, layer_decay)]
     kernel = {"fused": True} if fused else {}
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, **kernel)

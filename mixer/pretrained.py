@@ -25,7 +25,7 @@ from pathlib import Path
 from mixer.checkpoint import CONFIG, FORMAT, WEIGHTS, convert_weights, describe, load_model, save_model, sha256_file
 from mixer.errors import MixerError
 from mixer.files import atomic_write
-from mixer.model import MixerConfig, MlpMixer, check_class_names
+from mixer.model import MixerConfig, MlpMixer, at_image_shape, check_class_names
 from mixer.preprocess import Preprocessing
 from mixer.resources import check_disk, format_bytes
 
@@ -48,10 +48,22 @@ def cache_dir() -> Path:
 def load_pretrained(spec: str, image_shape: tuple[int, int] | None = None) -> MlpMixer:
     """The model `spec` names, with `model.source` set (see the module docstring).
 
-    image_shape: the input size for weights whose patch grid is not square (a hub repository's
-    `pretrained_cfg` says it; a model directory always does).
+    image_shape: the input size to load it at (None: the weights' own). The weights' own size (which
+    also tells a bare weights file's non-square grid; a hub repository's `pretrained_cfg` and a model
+    directory say it themselves) or a whole multiple of it per side, to which the token-mixing weights
+    are expanded (`mixer.model.at_image_shape`, the paper's fine-tuning at a higher resolution).
     """
     spec = str(spec)
+    model = _load(spec, image_shape)
+    if image_shape is None:
+        return model
+    try:
+        return at_image_shape(model, tuple(image_shape))
+    except MixerError as exc:
+        raise MixerError(f"{spec}: {exc}") from None
+
+
+def _load(spec: str, image_shape: tuple[int, int] | None) -> MlpMixer:
     if spec.startswith(HUB):
         return _from_hub(spec, image_shape)
     if spec.startswith(("https://", "http://")):
@@ -188,8 +200,8 @@ def _from_hub(spec: str, image_shape: tuple[int, int] | None) -> MlpMixer:
     timm = _read_json(config_path, spec) if config_path is not None else {}
     pretrained = timm.get("pretrained_cfg") if isinstance(timm.get("pretrained_cfg"), dict) else {}
     size = pretrained.get("input_size")
-    if image_shape is None and isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size):
-        image_shape = (size[1], size[2])
+    if isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size):
+        image_shape = (size[1], size[2])  # the weights' own: a size asked for is reached by load_pretrained
     preprocessing = None
     if "mean" in pretrained and "std" in pretrained:
         try:

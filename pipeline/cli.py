@@ -222,7 +222,8 @@ def import_weights(source: Annotated[str, typer.Argument(
                             "or vit_jax .npz")],
                    out_dir: Annotated[Path, typer.Argument(help="model directory to write")],
                    image_shape: Annotated[Optional[tuple[int, int]], typer.Option(
-                       "--image-shape", "--image_shape", help="input size, if the patch grid is not square")] = None,
+                       "--image-shape", "--image_shape", help="input size: the weights' own (a bare file "
+                       "whose grid is not square needs it) or a whole multiple per side (token mixing expanded)")] = None,
                    force: Annotated[bool, typer.Option(help="overwrite an existing model directory")] = False,
                    ) -> None:
     """Convert a public MLP-Mixer checkpoint into a model directory this tool trains and evaluates.

@@ -26,7 +26,7 @@ from mixer.data import PrepareConfig
 from mixer.engine import TrainConfig
 from mixer.errors import MixerError
 from mixer.hparams import Key, hp, one_of
-from mixer.model import VARIANTS, MixerConfig
+from mixer.model import VARIANTS, MixerConfig, grid_multiple
 from mixer.pretrained import pretrained_config
 from mixer.text import shown
 
@@ -40,8 +40,8 @@ class Project:
     dataset: str = hp("digits", "the images: 'digits' (embedded), an image folder (one sub-folder per class) or a "
                       "CSV", stages="prepare")
     checkpoint: str | None = hp(None, "weights to fine-tune: a model directory, a weights file, "
-                                "hf-hub:owner/name[@revision] or an https:// URL; its input size wins "
-                                "over image_shape", stages="prepare train")
+                                "hf-hub:owner/name[@revision] or an https:// URL; image_shape is its input size or a "
+                                "whole multiple per side (token mixing expanded)", stages="prepare train")
     output_dir: str = hp("output", "where the trained model is written", stages="train evaluate",
                          affects=False, original="output/")
     variant: str | None = hp(None, f"paper variant ({' '.join(VARIANTS)}): sets patch_shape, depth, dim and the "
@@ -108,16 +108,16 @@ def build(config: type, p, **given):
 
 
 def input_shape(p: Params, checkpoint_config: MixerConfig | None = None) -> tuple[int, int]:
-    """The images' size: `image_shape`, or when fine-tuning the checkpoint's (its token-mixing
-    weights are tied to its patch grid, so no other size fits it). `checkpoint_config`: the
-    checkpoint's architecture when the caller has already loaded it."""
-    if p.checkpoint is None:
-        return p.image_shape
-    shape = (checkpoint_config or pretrained_config(p.checkpoint)).image_shape
-    if shape != p.image_shape:
-        print(f"note: image_shape {list(shape)} from checkpoint {shown(p.checkpoint)} "
-              f"(params say {list(p.image_shape)})")
-    return shape
+    """The images' size, `image_shape`, checked against the checkpoint's when fine-tuning: its own size or
+    a whole multiple of it per side (the token-mixing weights are tied to its patch grid; `train` expands
+    them to a multiple). `checkpoint_config`: the checkpoint's architecture when the caller has already
+    loaded it."""
+    if p.checkpoint is not None:
+        try:
+            grid_multiple(checkpoint_config or pretrained_config(p.checkpoint), p.image_shape)
+        except MixerError as exc:
+            raise MixerError(f"checkpoint {shown(p.checkpoint)}: {exc}") from None
+    return p.image_shape
 
 
 class _Loader(yaml.SafeLoader):

@@ -23,7 +23,7 @@ from mixer.checkpoint import save_model
 from mixer.data import Prepared, open_prepared
 from mixer.engine import Interrupted, Machine, TrainConfig, steps_per_epoch, train
 from mixer.errors import MixerError
-from mixer.model import MixerConfig, MlpMixer, variant_config
+from mixer.model import MixerConfig, MlpMixer, at_image_shape, config_at, variant_config
 from mixer.pretrained import is_remote, load_pretrained, pretrained_config
 from mixer.resources import check_training_memory, format_bytes
 from mixer.preprocess import Preprocessing
@@ -57,7 +57,7 @@ def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 
     machine setting (`mixer train --grad-checkpointing`), which keeps fewer activations.
     """
     if config is None and p.checkpoint is not None:
-        have = pretrained_config(p.checkpoint)
+        have = config_at(pretrained_config(p.checkpoint), p.image_shape)
         config = replace(have, num_classes=p.num_classes or have.num_classes)
     elif config is None:
         config = architecture(p, p.num_classes or 1000, p.image_shape)
@@ -84,7 +84,7 @@ def build_model(p: Params, classes: list[str], resize: str, image_shape: tuple[i
     torch.manual_seed(p.seed)  # the initialisation (and a new head's): the same on every rank and every run
     if pretrained is None:
         return MlpMixer(architecture(p, len(classes), image_shape), classes, Preprocessing(resize))
-    model = adapt_for_finetuning(pretrained.train(), p, classes)
+    model = adapt_for_finetuning(at_image_shape(pretrained, image_shape).train(), p, classes)
     model.preprocessing = replace(model.preprocessing, resize=resize)  # the weights' normalisation, our resize
     return model
 
@@ -250,8 +250,8 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     image_shape = input_shape(p, pretrained.config if pretrained is not None else None)
     check_prepared(p, prepared, image_shape)
     # before the model is built (it alone may not fit); the ranks on this machine share its RAM
-    need = check_memory(p, pretrained and pretrained.config, int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                        machine.grad_checkpointing)
+    need = check_memory(p, pretrained and config_at(pretrained.config, image_shape),
+                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), machine.grad_checkpointing)
     model = build_model(p, prepared.classes, prepared.resize, image_shape, pretrained)
     train_split, val_split = prepared.split("train"), prepared.split("val")
     config = train_config(p)

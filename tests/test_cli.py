@@ -113,21 +113,27 @@ def test_non_numbers_are_rejected_by_the_parser(runner, project):
     assert result.exit_code == 2 and "depth" in result.output
 
 
-def test_fine_tuning_takes_the_checkpoints_input_size_and_says_so(runner, project):
+def test_fine_tuning_takes_the_checkpoints_input_size_or_a_multiple_and_nothing_else(runner, project):
     from mixer.checkpoint import save_model
     from mixer.model import create_model
 
     save_model(create_model(image_shape=(16, 16), patch_shape=(4, 4), depth=1, dim=16, num_classes=3), project / "ck")
     assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0  # 8x8, as params.yaml says
-    result = runner.invoke(app, ["train", "--checkpoint", "ck", *TINY])
-    assert result.exit_code == 2 and "image_shape is [16, 16] but prepared holds [8, 8]" in result.output
-    assert runner.invoke(app, ["prepare", "--workers", "1", "--checkpoint", "ck"]).exit_code == 0
-    assert json.loads((project / "prepared" / "prepared.json").read_text())["image_shape"] == [16, 16]
-    result = runner.invoke(app, ["train", "--checkpoint", "ck", *TINY])
+    for command in ("check", "prepare", "train"):
+        result = runner.invoke(app, [command, "--checkpoint", "ck"] + (TINY if command == "train" else []))
+        assert result.exit_code == 2 and result.output == (
+            "error: checkpoint ck: image_shape [8, 8] does not fit weights whose token mixing is tied to a 4x4 "
+            "grid of 4x4 patches: give their own [16, 16] or a whole multiple per side, e.g. [32, 32] "
+            "(fine-tuning at a higher resolution)\n"), (command, result.output)
+    assert json.loads((project / "prepared" / "prepared.json").read_text())["image_shape"] == [8, 8]  # kept
+    bigger = ["--checkpoint", "ck", "--image-shape", "32", "16"]
+    assert runner.invoke(app, ["prepare", "--workers", "1", *bigger]).exit_code == 0
+    assert json.loads((project / "prepared" / "prepared.json").read_text())["image_shape"] == [32, 16]
+    result = runner.invoke(app, ["train", *bigger, *TINY])
     assert result.exit_code == 0, result.output
-    assert "image_shape [16, 16] from checkpoint ck (params say [8, 8])" in result.output
     assert "patch_shape = (4, 4) from checkpoint ck (params say (2, 2))" in result.output
-    assert json.loads((project / "output" / "config.json").read_text())["architecture"]["image_shape"] == [16, 16]
+    architecture = json.loads((project / "output" / "config.json").read_text())["architecture"]
+    assert (architecture["image_shape"], architecture["token_hidden"]) == ([32, 16], 2 * 8)
 
 
 def test_freeze_features_trains_only_the_head(runner, project):

@@ -389,25 +389,50 @@ def test_a_queued_grid_on_a_tracked_folder_ranks_and_applies(repo):
     assert json.loads((repo / "reports" / "metrics.json").read_text())["accuracy"] == float(best["accuracy"])
 
 
-def test_fine_tune_from_an_offline_hub_cache_setting_only_the_checkpoint(repo, tmp_path):
+@pytest.mark.parametrize("multiple", [1, 2])
+def test_fine_tune_from_an_offline_hub_cache_with_the_finetune_preset(repo, tmp_path, multiple):
+    """presets/finetune.yaml as a user takes it: copied to params.yaml, the dataset and checkpoint named, and
+    image_shape the checkpoint's (1) or twice it (2: the token mixing expanded as the paper does)."""
     import torch
+    from conftest import make_photo_folder
     from test_pretrained import COMMIT, add_snapshot, timm_weights
 
     from mixer.checkpoint import load_model
 
-    add_snapshot(tmp_path / "hf", "someone/mixer-tiny", COMMIT, timm_weights(0))
+    add_snapshot(tmp_path / "hf", "someone/mixer-tiny", COMMIT, timm_weights(0))  # 16x20 images, 4x4 patches
     env = {**tool_env(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    set_params(repo, checkpoint="hf-hub:someone/mixer-tiny", num_steps=1, lr=1.0e-9, warmup_step=0)
-    out = ok(["dvc", "repro"], repo, env)
-    assert "image_shape [16, 20] from checkpoint hf-hub:someone/mixer-tiny" in out
+    make_photo_folder(repo / "data" / "shapes", {"circle": 12, "square": 12, "star": 12})
+    shutil.copy(ROOT / "presets" / "finetune.yaml", repo / "params.yaml")
+    shape = [16 * multiple, 20 * multiple]
+    set_params(repo, dataset="data/shapes", checkpoint="hf-hub:someone/mixer-tiny", image_shape=shape,
+               num_steps=1, warmup_step=0, lr=1.0e-9, batch_size=8, eval_batch_size=16)  # the features stay
+    ok(["dvc", "repro"], repo, env)
     tuned = load_model(repo / "output")
-    assert tuned.config.image_shape == (16, 20) and tuned.config.num_classes == 10
+    assert (list(tuned.config.image_shape), tuned.config.token_hidden) == (shape, 8 * multiple ** 2)
     config = json.loads((repo / "output" / "config.json").read_text())
     assert config["source"]["fine_tuned_from"]["hub"] == "someone/mixer-tiny"
     assert config["source"]["fine_tuned_from"]["revision"] == COMMIT
     assert config["preprocessing"]["std"] == [0.229, 0.224, 0.225]  # the hub's normalisation, kept
-    ok(["mixer", "import-weights", "hf-hub:someone/mixer-tiny", str(tmp_path / "source")], repo, env)
+    assert json.loads((repo / "reports" / "metrics.json").read_text())["accuracy"] >= 0
+    ok(["mixer", "import-weights", "hf-hub:someone/mixer-tiny", str(tmp_path / "source"), "--image-shape",
+        *map(str, shape)], repo, env)
     source = load_model(tmp_path / "source")
-    images = torch.randn(4, 3, 16, 20)
-    with torch.inference_mode():  # the hub's weights were loaded: the same features before the head
+    images = torch.randn(4, 3, *shape)
+    with torch.inference_mode():  # the hub's weights, expanded: the same features before the head
         assert (tuned.forward_features(images) - source.forward_features(images)).abs().max() < 1e-4
+
+
+def test_a_checkpoint_at_a_size_its_grid_does_not_divide_stops_dvc_repro_in_check(repo, tmp_path):
+    from test_pretrained import COMMIT, add_snapshot, timm_weights
+
+    add_snapshot(tmp_path / "hf", "someone/mixer-tiny", COMMIT, timm_weights(0))
+    env = {**tool_env(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    ok(["dvc", "repro"], repo)
+    before = snapshot(repo / "output"), snapshot(repo / "reports"), snapshot(repo / "prepared")
+    set_params(repo, checkpoint="hf-hub:someone/mixer-tiny")  # the digits' 12x12 with a 16x20 checkpoint
+    result = run(["dvc", "repro"], repo, env)
+    assert result.returncode != 0
+    assert ("error: checkpoint hf-hub:someone/mixer-tiny: image_shape [12, 12] does not fit weights whose token "
+            "mixing is tied to a 4x5 grid of 4x4 patches: give their own [16, 20]") in result.stdout + result.stderr
+    assert "Running stage 'prepare'" not in result.stdout
+    assert (snapshot(repo / "output"), snapshot(repo / "reports"), snapshot(repo / "prepared")) == before

@@ -241,6 +241,33 @@ def test_no_weight_decay_on_norms_and_biases():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_layer_decay_gives_each_block_lr_times_decay_to_its_distance_from_the_head(name):
+    from mixer.schedule import build_scheduler
+
+    torch.manual_seed(0)
+    model = create_model(image_shape=(8, 8), patch_shape=(2, 2), depth=3, dim=16, num_classes=3)
+    optimizer = build_optimizer(model, name, lr=0.2, momentum=0.9, weight_decay=0.05, layer_decay=0.5)
+    rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    expected = {"stem": 0.2 * 0.5 ** 4, "blocks.0": 0.2 * 0.5 ** 3, "blocks.1": 0.2 * 0.5 ** 2,
+                "blocks.2": 0.2 * 0.5, "norm": 0.2, "head": 0.2}  # block i: lr · decay^(depth − i)
+    for (n, p) in model.named_parameters():
+        layer = next(k for k in expected if n.startswith(k + "."))
+        assert rate[id(p)] == pytest.approx(expected[layer]), n
+        assert decay[id(p)] == (0.05 if p.ndim > 1 else 0.0), n
+    assert len(rate) == len(list(model.parameters()))
+    scheduler = build_scheduler(optimizer, 10, 3, 1, "cosine", 0.0)  # the schedule scales every layer alike
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+    factors = {g["lr"] / g["initial_lr"] for g in optimizer.param_groups}
+    assert len({round(f, 12) for f in factors}) == 1 and 0 < factors.pop() < 1
+    plain = build_optimizer(model, name, lr=0.2, momentum=0.9, weight_decay=0.05)
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in plain.param_groups] == \
+        [(len(param_groups(model, 0.05)[0]["params"]), 0.2, 0.05), (len(param_groups(model, 0.05)[1]["params"]), 0.2, 0.0)]
+
+
 def test_optimizers_follow_the_params():
     model = tiny_model()
     sgd = build_optimizer(model, "sgd", lr=0.1, momentum=0.8, weight_decay=0.0)

@@ -258,18 +258,27 @@ def test_for_stage_gives_exactly_the_stage_keys_with_their_values(tmp_path):
     assert "val_fraction" not in train and "val_fraction" in p.for_stage("prepare")
 
 
-def test_input_shape_is_the_checkpoints_when_fine_tuning(tmp_path, capsys):
+@pytest.mark.parametrize(("shape", "fits"), [
+    ((24, 36), True), ((48, 72), True), ((72, 108), True), ((24, 72), True), ((48, 36), True),  # own, K×, per side
+    ((12, 12), False), ((12, 18), False), ((36, 54), False), ((25, 36), False), ((24, 48), False),
+    ((240, 35), False), ((1, 1), False),
+])
+def test_with_a_checkpoint_image_shape_is_its_own_or_a_whole_multiple_per_side(tmp_path, capsys, shape, fits):
     from mixer.model import MixerConfig
 
     p = load_params(write_params(tmp_path / "p.yaml"))
     assert input_shape(p) == (12, 12)
-    assert capsys.readouterr().out == ""
-    tuned = dataclasses.replace(p, checkpoint="models/b16")
+    tuned = dataclasses.replace(p, checkpoint="models/b16", image_shape=shape)
     config = MixerConfig(image_shape=(24, 36), patch_shape=(12, 12), depth=1, dim=8, num_classes=3)
-    assert input_shape(tuned, config) == (24, 36)
-    assert capsys.readouterr().out == "note: image_shape [24, 36] from checkpoint models/b16 (params say [12, 12])\n"
-    same = dataclasses.replace(tuned, image_shape=(24, 36))
-    assert input_shape(same, config) == (24, 36)
+    if fits:
+        assert input_shape(tuned, config) == shape
+    else:
+        with pytest.raises(MixerError) as error:
+            input_shape(tuned, config)
+        assert str(error.value) == (
+            f"checkpoint models/b16: image_shape {list(shape)} does not fit weights whose token mixing is tied to "
+            "a 2x3 grid of 12x12 patches: give their own [24, 36] or a whole multiple per side, e.g. [48, 72] "
+            "(fine-tuning at a higher resolution)")
     assert capsys.readouterr().out == ""
 
 
@@ -279,7 +288,9 @@ def test_input_shape_reads_a_checkpoint_it_is_not_given(tmp_path):
 
     save_model(create_model(image_shape=(8, 16), patch_shape=(4, 4), depth=1, dim=8, num_classes=2), tmp_path / "m")
     p = dataclasses.replace(load_params(write_params(tmp_path / "p.yaml")), checkpoint=str(tmp_path / "m"))
-    assert input_shape(p) == (8, 16)
+    with pytest.raises(MixerError, match=r"tied to a 2x4 grid of 4x4 patches: give their own \[8, 16\]"):
+        input_shape(p)
+    assert input_shape(dataclasses.replace(p, image_shape=(16, 32))) == (16, 32)
 
 
 def test_a_key_is_declared_once_on_the_config_that_uses_it():
