@@ -11,7 +11,6 @@ import torch
 
 from mixer.errors import MixerError
 from mixer.model import at_image_shape, create_model, grid_multiple
-from mixer.pretrained import load_pretrained
 from reference import mixer_forward
 from test_pretrained import hub, mixer, timm_weights  # noqa: F401 (hub is a fixture)
 
@@ -113,17 +112,21 @@ def test_a_size_that_is_not_a_whole_multiple_names_those_that_work(shape):
                                 "[12, 12] (fine-tuning at a higher resolution)")
 
 
-def test_a_hub_model_keeps_its_logits_at_its_size_and_averages_its_groups_at_twice_it(hub, monkeypatch):
-    """Against the reference forward of the hub's weights (tests/reference.py), not this project's model."""
-    monkeypatch.setenv("HF_HOME", str(hub))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_a_hub_model_keeps_its_logits_at_its_size_and_averages_its_groups_at_twice_it(hub, tmp_path):
+    """Against the reference forward of the hub's weights (tests/reference.py), not this project's model;
+    through `mixer import-weights` in a process of its own (huggingface_hub reads HF_HOME once, at import)."""
+    from mixer.checkpoint import load_model
+
+    for (name, shape) in (("own", ("16", "20")), ("big", ("32", "40"))):
+        done = mixer(["import-weights", "hf-hub:someone/mixer-tiny", name, "--image-shape", *shape], tmp_path,
+                     HF_HOME=str(hub))
+        assert done.returncode == 0, done.stderr
+    (own, big) = (load_model(tmp_path / "own").eval(), load_model(tmp_path / "big").eval())
     weights = timm_weights(0)  # 16x20 images in 4x4 patches: a 4x5 grid
-    own = load_pretrained("hf-hub:someone/mixer-tiny", (16, 20)).eval()
     x = torch.randn(2, 3, 16, 20, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert (own(x) - mixer_forward(x, weights, (4, 4), "exact")).abs().max() < 2e-5
-    big = load_pretrained("hf-hub:someone/mixer-tiny", (32, 40)).eval()
-    assert big.source == own.source and big.preprocessing == own.preprocessing
+    assert big.meta["source"] == own.meta["source"] and big.preprocessing == own.preprocessing
     images = torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(2))
     expected = torch.stack([mixer_forward(s, weights, (4, 4), "exact")
                             for s in sub_images(images, (4, 5), (4, 4), (2, 2))]).mean(0)
