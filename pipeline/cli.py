@@ -270,9 +270,23 @@ def bench(config: Annotated[str, typer.Option(help="original, default, or both")
         stage.run(config, steps, json_out, compile, params)
 
 
+def leave_process_group() -> None:
+    """Leave the process group a launched command joined (torchrun, accelerate launch), if any.
+
+    A process that exits with its gloo group alive aborts in about one exit of four ("terminate called
+    without an active exception", exit -6), and the launcher reports a failure after a run that succeeded.
+    """
+    dist = sys.modules.get("torch.distributed")  # only a command that trained or evaluated imported it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     keep_freed_memory()
-    app()
+    try:
+        app()
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":

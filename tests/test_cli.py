@@ -349,3 +349,21 @@ def test_predict_outside_a_project_says_to_name_the_model(runner, tmp_path, monk
     result = runner.invoke(app, ["predict", "img.jpg"])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert result.output.startswith("error: no --model given and no params.yaml here") and "--model DIR" in result.output
+
+
+@pytest.mark.parametrize("code", [0, 2])
+def test_a_command_leaves_the_process_group_it_joined_before_the_process_exits(tmp_path, monkeypatch, code):
+    """A gloo group alive at exit aborts the process now and then (exit -6): a launched run that succeeded
+    would be reported failed. tests/test_multiprocess.py launches the real thing."""
+    import torch.distributed as dist
+
+    from pipeline import cli
+
+    def command():  # what `mixer train` under torchrun does through accelerate, in one process
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli, "app", command)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == code and not dist.is_initialized()
