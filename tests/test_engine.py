@@ -8,10 +8,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mixer import engine, train_state
 from mixer.augment import AugmentConfig
-from mixer.checkpoint import load_model
+from mixer.checkpoint import load_model, read_config, save_model
 from mixer.data import Split
 from mixer.engine import Interrupted, Machine, Reporter, TrainConfig, epoch_batches, train
 from mixer.errors import MixerError
@@ -460,3 +461,224 @@ def test_keep_delivers_the_best_val_epoch_or_the_last_and_says_which(tmp_path, k
                (("best", best), ("last", last))}
     assert accuracies.index(max(accuracies)) + 1 < 4  # this run peaks early: best and last differ
     assert same_as[keep] and not same_as["last" if keep == "best" else "best"]
+
+
+# ---- what the loop tells and hands over, read exactly (each fails on a one-token change of mixer/engine.py)
+
+class Told(Record):
+    """Records every call the loop makes to its reporter, with the arguments."""
+
+    def __init__(self, stop_at=None, stop=None, watch=None):
+        super().__init__(stop_at=stop_at, stop=stop)
+        self.started, self.progressed, self.written, self.metrics, self.watch, self.flags = None, [], [], [], watch, []
+
+    def start(self, state, epochs, steps_per_epoch):
+        super().start(state, epochs, steps_per_epoch)
+        self.started = (state.step, epochs, steps_per_epoch)
+
+    def step(self, state):
+        if self.watch is not None:
+            self.flags.append(self.watch.grad_checkpointing)
+        super().step(state)
+
+    def progress(self, state, loss):
+        self.progressed.append((state.step, loss))
+
+    def checkpoint(self, state, path, size, seconds):
+        super().checkpoint(state, path, size, seconds)
+        self.written.append((path, size, path.stat().st_size, seconds))
+
+    def epoch(self, metrics):
+        super().epoch(metrics)
+        self.metrics.append(metrics)
+
+
+def ticking(monkeypatch, seconds=0.25):
+    """The loop's clock (epoch timing only) moves `seconds` a call, whatever the machine's speed."""
+    now = iter(np.arange(1, 10_000) * seconds)
+    monkeypatch.setattr(engine, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(now)))}))
+
+
+# 12 images, batch 1: 12 optimizer steps an epoch; the head starts at zero, so step 1's loss is exactly ln 3
+CONTRACT = dict(epochs=2, batch_size=1, lr=1e-6, warmup_epochs=0, scheduler="linear", min_lr=5e-7,
+                layer_decay=0.5)
+
+
+def contract_run(folder, reporter, stop=None, resume=None, machine=None):
+    return train(tiny_model(), tiny_split(12), tiny_split(6, seed=1), config(**CONTRACT), PREP, folder,
+                 {"run": "contract"}, machine or Machine(log_every=1, stop=stop), resume, reporter)
+
+
+def test_the_loop_reports_what_it_did_and_stops_where_asked(tmp_path, monkeypatch):
+    """A stop asked at an epoch's last step ends that epoch and raises; one inside an epoch raises at that step;
+    one at the run's very last step changes nothing. The reporter sees the run's size, each step's running loss,
+    each checkpoint's file, and each epoch's metrics (speed by the loop's clock, counting only images this
+    process trained)."""
+    ticking(monkeypatch)
+    folder, stop = tmp_path / "run", threading.Event()
+    first = Told(stop_at=12, stop=stop)
+    with pytest.raises(Interrupted) as caught:
+        contract_run(folder, first, stop)
+    assert (caught.value.state.epoch, caught.value.state.step, caught.value.path) == (1, 12, folder / train_state.LAST)
+    assert first.started == (0, 2, 12)
+    assert [s for (s, _) in first.progressed] == list(range(1, 12))  # every log_every=1 step but the epoch's last
+    assert first.progressed[0][1] == pytest.approx(np.log(3), abs=1e-6)  # the mean of one loss, of zero logits
+    assert all(abs(loss - np.log(3)) < 1e-3 for (_, loss) in first.progressed)  # means, at lr 1e-6 barely moving
+    ((path, size, on_disk, seconds),) = first.written
+    assert path == folder / train_state.LAST and size == on_disk and isinstance(seconds, float) and seconds >= 0
+    (metrics,) = first.metrics
+    assert set(metrics) == {"epoch", "train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr",
+                            "images_per_second"}
+    assert metrics["train/loss"] == pytest.approx(np.log(3), abs=1e-3)
+    assert metrics["train/accuracy"] in [k / 12 for k in range(13)] and metrics["train/accuracy"] > 0
+    assert metrics["images_per_second"] == pytest.approx(12 / 0.25)  # one tick between the epoch's start and end
+    # the head's rate (layer_decay scales the others down), halfway down the linear decay to min_lr
+    assert metrics["lr"] == pytest.approx(5e-7 + 5e-7 * 0.5)
+    scales = sorted({g["lr_scale"] for g in train_state.read(folder)["optimizer"]["param_groups"]})
+    assert scales == [0.5 ** 3, 0.5 ** 2, 0.5, 1.0]  # depth 2: the stem, block 0, block 1, the head and norm
+    assert read_config(folder / train_state.BEST)["kept"] == {"keep": "best", "epoch": 1}
+
+    second = Told(stop_at=15, stop=stop)
+    stop.clear()
+    with pytest.raises(Interrupted) as caught:
+        contract_run(folder, second, stop)
+    assert (caught.value.state.epoch, caught.value.state.step, caught.value.path) == (1, 15, folder / train_state.LAST)
+
+    third = Told(stop_at=24, stop=stop)
+    stop.clear()
+    result = contract_run(folder, third, stop)  # asked at the last step: there is nothing left to stop
+    assert third.steps == list(range(16, 25)) and result.is_main_process is True
+    (metrics,) = third.metrics
+    assert metrics["images_per_second"] == pytest.approx(9 / 0.25)  # the 3 images trained before the stop excluded
+    assert metrics["lr"] == pytest.approx(5e-7)  # the floor, at the end of the decay
+
+
+def test_a_run_without_a_reporter_and_with_grad_checkpointing(tmp_path):
+    model = tiny_model()
+    result = train(model, tiny_split(12), tiny_split(6, seed=1), config(epochs=1, batch_size=4), PREP, tmp_path,
+                   {"run": "quiet"})
+    assert len(result.state.history) == 1 and result.is_main_process
+    watched = tiny_model()
+    told = Told(watch=watched)
+    train(watched, tiny_split(12), tiny_split(6, seed=1), config(epochs=1, batch_size=4), PREP, tmp_path / "gc",
+          {"run": "gc"}, Machine(grad_checkpointing=True), None, told)
+    assert told.flags == [True] * 3
+    unwatched = Told(watch=tiny_model())
+    run(tmp_path / "plain", config(epochs=1), reporter=unwatched)
+    assert unwatched.flags == [False] * 6
+
+
+def diverging(monkeypatch):
+    """Record each step's loss as the loop computes it: the first that is not finite is where it diverged."""
+    losses, real = [], F.cross_entropy
+
+    def recorded(*args, **kw):
+        loss = real(*args, **kw)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(engine, "F", type("F", (), {"cross_entropy": staticmethod(recorded)}))
+    return losses
+
+
+@pytest.mark.parametrize("found_by", ["a log read", "a checkpoint"])
+def test_divergence_names_the_epoch_the_step_and_the_loss(tmp_path, monkeypatch, found_by):
+    losses = diverging(monkeypatch)
+    machine = Machine(log_every=1) if found_by == "a log read" else Machine(log_every=10_000,
+                                                                           checkpoint_every=Every(steps=1))
+    cfg = config(epochs=2, batch_size=1, lr=1e30, clip_grad=0.0, optimizer="sgd", warmup_epochs=0)
+    with pytest.raises(MixerError) as error:
+        train(tiny_model(), tiny_split(12), tiny_split(6, seed=1), cfg, PREP, tmp_path, {"run": "nan"}, machine,
+              None, Record())
+    bad = next(k for (k, loss) in enumerate(losses, start=1) if not np.isfinite(loss))
+    assert 1 < bad < 12  # inside the first epoch, so that it is found between steps
+    assert str(error.value) == (f"training diverged at epoch 1, step {bad}: the loss is {losses[bad - 1]}; "
+                                "lower lr (now 1e+30) or raise clip_grad")
+
+
+def test_min_lr_may_reach_lr_but_not_pass_it():
+    assert config(min_lr=3e-3).min_lr == 3e-3
+    with pytest.raises(MixerError) as error:
+        config(min_lr=4e-3)
+    assert str(error.value) == "min_lr must be between 0 and lr (0.003), got 0.004"
+
+
+def test_the_accelerator_is_data_parallel_on_a_cpu_and_agrees_with_the_launcher(monkeypatch):
+    """Without cpu=True on a machine without CUDA, ranks launched together would each train alone."""
+    import accelerate
+
+    made = []
+
+    class Seen:
+        num_processes = 1
+
+        def __init__(self, **kw):
+            made.append(kw)
+
+    monkeypatch.setattr(accelerate, "Accelerator", Seen)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    engine.make_accelerator(3, Machine(mixed_precision="bf16"))
+    assert made == [{"cpu": not torch.cuda.is_available(), "mixed_precision": "bf16",
+                     "gradient_accumulation_steps": 3}]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MixerError) as error:
+        engine.make_accelerator(1, Machine())
+    assert str(error.value) == ("launched 2 processes but accelerate sees 1: the ranks would train independently; "
+                                "launch with torchrun or `accelerate launch --multi_gpu`")
+
+
+def test_no_batches_gathers_nothing():
+    assert list(engine.prefetched(tiny_split(4), [], "cpu")) == []
+
+
+def test_a_probe_with_augmentation_says_what_it_costs(tmp_path):
+    record = Record()
+    probe_run(tmp_path / "run", cfg=config(freeze="features", epochs=1, augment=AugmentConfig(hflip=0.5)),
+              reporter=record)
+    assert ("freeze: features with augmentation: the frozen layers run on every batch (without augmentation each "
+            "image's features are computed once)") in record.notes
+
+
+@pytest.mark.parametrize("best_dir", ["absent", "without kept", "of epoch 1"])
+def test_keep_best_delivers_best_only_when_its_config_names_another_epoch(tmp_path, best_dir):
+    """A run folder from before `keep` (no best/, or a best/ whose config.json does not say its epoch) delivers
+    the last weights; a best/ of an earlier epoch is loaded."""
+    last, earlier = tiny_model(), tiny_model(classes=3, dropout=0.0)
+    with torch.no_grad():
+        earlier.head.bias.fill_(0.25)
+    if best_dir != "absent":
+        save_model(earlier, tmp_path / train_state.BEST, kept={"keep": "best", "epoch": 1} if best_dir == "of epoch 1"
+                   else None)
+    state = train_state.TrainState(fingerprint={}, epoch=2, history=[{"val/accuracy": 0.75}, {"val/accuracy": 0.5}])
+    model, kept = engine._kept(last, config(keep="best"), tmp_path, state, True)
+    epoch = 1 if best_dir == "of epoch 1" else 2
+    assert kept == {"keep": "best", "epoch": epoch, "of": 2, "val_accuracy": [0.75, 0.5][epoch - 1]}
+    assert torch.equal(model.head.bias, earlier.head.bias if epoch == 1 else last.head.bias)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_clipping_is_of_the_accumulated_gradient_and_zero_turns_it_off(tmp_path, clip):
+    base = dict(lr=0.05, optimizer="sgd", warmup_epochs=0, clip_grad=clip, epochs=1)
+    big = run(tmp_path / "16", config(batch_size=16, **base))
+    small = run(tmp_path / "8x2", config(batch_size=8, grad_accum=2, **base))
+    assert max_difference(weights(big), weights(small)) <= 1e-5
+    never = run(tmp_path / "never", config(batch_size=16, **{**base, "clip_grad": 1e9}))  # no norm is that large
+    assert (max_difference(weights(big), weights(never)) == 0) == (clip == 0)
+
+
+@pytest.mark.parametrize(("key", "value"), [("label_smoothing", 0.2), ("ema_decay", 0.5)])
+def test_smoothing_and_the_ema_reach_the_weights(tmp_path, key, value):
+    plain = run(tmp_path / "plain", config(epochs=1))
+    changed = run(tmp_path / key, config(epochs=1, **{key: value}))
+    assert max_difference(weights(plain), weights(changed)) > 1e-4
+    if key == "ema_decay":  # the delivered weights are the average; the checkpoint holds the raw ones beside it
+        payload = train_state.read(tmp_path / key)
+        assert payload["ema"] is not None
+        assert max(float((payload["model"][k] - v).abs().max()) for (k, v) in weights(changed).items()) > 1e-4
+
+
+def test_the_running_loss_is_read_every_log_every_steps(tmp_path):
+    told = Told()
+    train(tiny_model(), tiny_split(12), tiny_split(6, seed=1), config(epochs=1, batch_size=1), PREP, tmp_path,
+          {"run": "log"}, Machine(log_every=4), None, told)
+    assert [step for (step, _) in told.progressed] == [4, 8]  # not 12: the epoch's end reads the sums anyway

@@ -183,3 +183,55 @@ def test_two_nodes_of_one_process_each_equal_one_process_with_the_global_batch(p
     assert "epoch 2:" in logs[0] + logs[1]
     ok([MIXER, "train", *COMMON, *SGD, "--batch-size", "16", "--output-dir", "one_node"], project)
     assert max_difference(weights(project / "one_node"), weights(project / "two_nodes")) <= 1e-5
+
+
+RANKS_AGREE = """
+import sys
+import threading
+from pathlib import Path
+
+import torch
+from mixer.engine import Machine, TrainConfig, _DeviceSums, _Run, make_accelerator
+from mixer.errors import MixerError
+from mixer.train_state import RunningSums
+from pipeline.cli import leave_process_group
+
+accelerator = make_accelerator(1, Machine())
+rank = accelerator.process_index
+told = []
+sums = _DeviceSums(RunningSums(1.0, 2.0, 3.0) if rank == 0 else RunningSums(), accelerator.device)
+logits, labels = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+sums.add(torch.tensor(0.5), logits, labels, 1)
+told.append(f"sums {sums.read(accelerator, TrainConfig(), 0)}")
+(step, loss) = (5, float("nan")) if rank == 0 else (3, float("inf"))  # rank 1's is the earlier
+sums.add(torch.tensor(loss), logits, labels, step)
+sums.add(torch.tensor(float("nan")), logits, labels, step + 1)  # a later one is not the first
+try:
+    sums.read(accelerator, TrainConfig(), 1)
+except MixerError as error:
+    told.append(f"error {error}")
+run = _Run(accelerator, *[None] * 8)
+stop = threading.Event()
+if rank == 1:
+    stop.set()
+told.append(f"agree {run.agree(stop, rank == 0)} {run.agree(None, False)}")
+Path(sys.argv[1], f"rank{rank}.txt").write_text("\\n".join(told))  # printed lines of two ranks interleave
+leave_process_group()
+"""
+
+
+def test_ranks_sum_their_losses_find_the_earliest_divergence_and_agree_on_stops(tmp_path):
+    """What several processes share between steps, read exactly: the epoch's sums added over ranks, the first
+    step whose loss was not finite on any rank (each rank says whether it saw that loss itself), and a stop or
+    a due checkpoint asked on one rank, agreed by all."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_AGREE)
+    env = {**tool_env(), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    ok([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), str(script), str(tmp_path)],
+       tmp_path, env)
+    advice = "lower lr (now 0.003) or raise clip_grad"
+    for (rank, seen) in ((0, "not finite"), (1, "inf")):
+        assert (tmp_path / f"rank{rank}.txt").read_text().splitlines() == [
+            "sums RunningSums(loss=3.0, correct=4.0, images=7.0)",
+            f"error training diverged at epoch 2, step 3: the loss is {seen}; {advice}",
+            "agree (True, True) (False, False)"]
