@@ -276,7 +276,7 @@ def leave_process_group() -> None:
     A process that exits with its gloo group alive aborts in about one exit of four ("terminate called
     without an active exception", exit -6), and the launcher reports a failure after a run that succeeded.
     """
-    dist = sys.modules.get("torch.distributed")  # only a command that trained or evaluated imported it
+    dist = sys.modules.get("torch.distributed")  # loaded with torch; a command that never imported torch has none
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

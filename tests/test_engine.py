@@ -504,9 +504,14 @@ CONTRACT = dict(epochs=2, batch_size=1, lr=1e-6, warmup_epochs=0, scheduler="lin
                 layer_decay=0.5)
 
 
-def contract_run(folder, reporter, stop=None, resume=None, machine=None):
-    return train(tiny_model(), tiny_split(12), tiny_split(6, seed=1), config(**CONTRACT), PREP, folder,
-                 {"run": "contract"}, machine or Machine(log_every=1, stop=stop), resume, reporter)
+def short_run(folder, cfg, machine=None, reporter=None, model=None):
+    """12 training images and 6 to validate: at batch 1, 12 optimizer steps an epoch."""
+    return train(model or tiny_model(), tiny_split(12), tiny_split(6, seed=1), cfg, PREP, folder, {"run": "short"},
+                 machine or Machine(), None, reporter)
+
+
+def contract_run(folder, reporter, stop):
+    return short_run(folder, config(**CONTRACT), Machine(log_every=1, stop=stop), reporter)
 
 
 def test_the_loop_reports_what_it_did_and_stops_where_asked(tmp_path, monkeypatch):
@@ -554,18 +559,14 @@ def test_the_loop_reports_what_it_did_and_stops_where_asked(tmp_path, monkeypatc
 
 
 def test_a_run_without_a_reporter_and_with_grad_checkpointing(tmp_path):
-    model = tiny_model()
-    result = train(model, tiny_split(12), tiny_split(6, seed=1), config(epochs=1, batch_size=4), PREP, tmp_path,
-                   {"run": "quiet"})
+    cfg = config(epochs=1, batch_size=4)
+    result = short_run(tmp_path / "quiet", cfg)
     assert len(result.state.history) == 1 and result.is_main_process
-    watched = tiny_model()
-    told = Told(watch=watched)
-    train(watched, tiny_split(12), tiny_split(6, seed=1), config(epochs=1, batch_size=4), PREP, tmp_path / "gc",
-          {"run": "gc"}, Machine(grad_checkpointing=True), None, told)
-    assert told.flags == [True] * 3
-    unwatched = Told(watch=tiny_model())
-    run(tmp_path / "plain", config(epochs=1), reporter=unwatched)
-    assert unwatched.flags == [False] * 6
+    for (on, folder) in ((True, "gc"), (False, "plain")):  # the control: the flag follows the machine setting
+        watched = tiny_model()
+        told = Told(watch=watched)
+        short_run(tmp_path / folder, cfg, Machine(grad_checkpointing=on), told, model=watched)
+        assert told.flags == [on] * 3
 
 
 def diverging(monkeypatch):
@@ -588,8 +589,7 @@ def test_divergence_names_the_epoch_the_step_and_the_loss(tmp_path, monkeypatch,
                                                                            checkpoint_every=Every(steps=1))
     cfg = config(epochs=2, batch_size=1, lr=1e30, clip_grad=0.0, optimizer="sgd", warmup_epochs=0)
     with pytest.raises(MixerError) as error:
-        train(tiny_model(), tiny_split(12), tiny_split(6, seed=1), cfg, PREP, tmp_path, {"run": "nan"}, machine,
-              None, Record())
+        short_run(tmp_path, cfg, machine, Record())
     bad = next(k for (k, loss) in enumerate(losses, start=1) if not np.isfinite(loss))
     assert 1 < bad < 12  # inside the first epoch, so that it is found between steps
     assert str(error.value) == (f"training diverged at epoch 1, step {bad}: the loss is {losses[bad - 1]}; "
@@ -679,6 +679,5 @@ def test_smoothing_and_the_ema_reach_the_weights(tmp_path, key, value):
 
 def test_the_running_loss_is_read_every_log_every_steps(tmp_path):
     told = Told()
-    train(tiny_model(), tiny_split(12), tiny_split(6, seed=1), config(epochs=1, batch_size=1), PREP, tmp_path,
-          {"run": "log"}, Machine(log_every=4), None, told)
+    short_run(tmp_path, config(epochs=1, batch_size=1), Machine(log_every=4), told)
     assert [step for (step, _) in told.progressed] == [4, 8]  # not 12: the epoch's end reads the sums anyway
