@@ -26,7 +26,8 @@ class AugmentConfig:
                                          rule=ordered(lambda lo: lo > 0, lambda hi: hi <= 1, "a pair with 0 < low <= high <= 1"))
     crop_ratio: tuple[float, float] = hp((3 / 4, 4 / 3), "random resized crop aspect range",
                                          rule=ordered(lambda lo: lo > 0, lambda hi: True, "a pair with 0 < low <= high"))
-    randaugment_n: int = hp(0, "RandAugment: operations per image (0: off)", rule=at_least(0))
+    randaugment_n: int = hp(0, "RandAugment: operations per image (0: off; timm's policies use 2 or 3)",
+                            rule=between(0, 16))  # each is a pass over the batch: a large n is a hang
     randaugment_m: int = hp(9, "RandAugment: magnitude", rule=between(0, 30))
     mixup: float = hp(0.0, "mixup alpha (0: off)", rule=at_least(0))
     cutmix: float = hp(0.0, "cutmix alpha (0: off)", rule=at_least(0))

@@ -30,7 +30,8 @@ from mixer.checkpoint import CONFIG, load_model, read_config, save_model
 from mixer.data import Split
 from mixer.errors import MixerError
 from mixer.evaluation import evaluate_split
-from mixer.hparams import Rule, at_least, check, fraction, hp, one_of, positive
+from mixer.hparams import Rule, at_least, between, check, fraction, hp, one_of, positive
+from mixer.launch import processes
 from mixer.model import MlpMixer
 from mixer.optim import build_optimizer, make_ema, use_fused, wants_fused
 from mixer.preprocess import Preprocessing
@@ -42,7 +43,7 @@ from mixer.train_state import CheckpointTimer, Every, RunningSums, TrainState, s
 class TrainConfig:
     """The hyperparameters of a run (`key=`: the params.yaml name, the original train.py's)."""
 
-    epochs: int = hp(40, "training epochs", key="num_steps", rule=at_least(1), original=30)
+    epochs: int = hp(40, "training epochs", key="num_steps", rule=between(1, 100_000), original=30)
     batch_size: int = hp(64, "images per micro-batch and process", rule=at_least(1), original=16,
                          fingerprint=False)  # the engine records the global batch: a run may change processes
     lr: float = hp(3.0e-3, "peak learning rate", rule=positive(), original=1.0e-3)
@@ -51,7 +52,7 @@ class TrainConfig:
     momentum: float = hp(0.9, "SGD momentum (also AdamW's beta1)", rule=fraction(), original=0.9)
     weight_decay: float = hp(0.05, "weight decay (not applied to norms and biases)", key="decay",
                              rule=at_least(0), original=0.0)
-    warmup_epochs: int = hp(3, "linear warm-up epochs", key="warmup_step", rule=at_least(0), original=10)
+    warmup_epochs: int = hp(3, "linear warm-up epochs", key="warmup_step", rule=between(0, 100_000), original=10)
     scheduler: str = hp("cosine", "decay after warm-up", rule=one_of("cosine", "linear"), original="cosine")
     min_lr: float = hp(0.0, "learning-rate floor at the end of the decay (at most lr)", rule=at_least(0))
     layer_decay: float = hp(1.0, "layer-wise lr decay: block i of depth trains at lr·layer_decay^(depth-i), the "
@@ -59,7 +60,7 @@ class TrainConfig:
                             rule=Rule("in (0, 1]", lambda v: 0 < v <= 1))
     clip_grad: float = hp(1.0, "clip gradients to this global norm (0: off)", rule=at_least(0))
     label_smoothing: float = hp(0.0, "label smoothing of the cross-entropy", rule=fraction())
-    grad_accum: int = hp(1, "micro-batches accumulated per optimizer step", rule=at_least(1))
+    grad_accum: int = hp(1, "micro-batches accumulated per optimizer step", rule=between(1, 4096))
     ema_decay: float = hp(0.0, "EMA of weights per step (0: off); the EMA is evaluated and saved", rule=fraction())
     seed: int = hp(0, "seed for the split, initialisation, shuffling and augmentation", stages="prepare train",
                    rule=Rule("in 0 .. 2**32 - 1", lambda v: 0 <= v < 2**32))
@@ -134,6 +135,7 @@ class Result:
     state: TrainState
     is_main_process: bool
     kept: dict = field(default_factory=dict)  # which epoch's weights `model` holds (`keep`)
+    folder: Path | None = None   # the run's checkpoint folder (last.pt, best/)
 
 
 def make_accelerator(grad_accum: int, machine: Machine):
@@ -143,11 +145,11 @@ def make_accelerator(grad_accum: int, machine: Machine):
     # Without cpu=True, ranks on a CPU-only machine each train alone; with it accelerate uses gloo.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=machine.mixed_precision,
                               gradient_accumulation_steps=grad_accum)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise MixerError(f"launched {launched} processes but accelerate sees {accelerator.num_processes}: "
-                         "the ranks would train independently; launch with torchrun or "
-                         "`accelerate launch --multi_gpu`")
+    launched = processes()
+    if (accelerator.num_processes, accelerator.process_index) != (launched.world, launched.rank):
+        raise MixerError(f"launched as process {launched.rank} of {launched.world} but accelerate sees process "
+                         f"{accelerator.process_index} of {accelerator.num_processes}: the ranks would train "
+                         "independently; launch with torchrun or `accelerate launch --multi_gpu`")
     return accelerator
 
 
@@ -181,12 +183,14 @@ def seed_micro_batch(seed: int, epoch: int, index: int, rank: int, generator: to
 
 def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainConfig, preprocessing: Preprocessing,
           run_dir: Path, fingerprint: dict | None = None, machine: Machine = Machine(), resume: bool | None = None,
-          reporter: Reporter | None = None) -> Result:
-    """Train `model`, checkpointing into `run_dir`; continue a checkpointed run of the same fingerprint.
+          reporter: Reporter | None = None, record: dict | None = None) -> Result:
+    """Train `model`, checkpointing into its run's folder under `run_dir` (named by the fingerprint, see
+    mixer.train_state); continue the checkpointed run of the same fingerprint.
 
-    resume: None continues the run in `run_dir` if it is this run (same fingerprint) and starts anew
-    otherwise, with a note; True requires the same run (another run's checkpoint is an error; no
-    checkpoint starts anew, with a note); False always starts anew.
+    resume: None continues this run's checkpoint if there is one and starts anew otherwise; True
+    requires one (only other runs' is an error; none at all starts anew, with a note); False always
+    starts anew. Other runs' folders are kept. record: what every model the run saves records besides
+    its weights (`mixer.checkpoint.save_model`'s source and trained_on): best/ as the delivered model.
     """
     accelerator = make_accelerator(config.grad_accum, machine)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -203,15 +207,18 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     ema = make_ema(learner.module, config.ema_decay)
     # The global batch, not the per-process one: one process × 2B continues two processes × B.
     fingerprint = {**(fingerprint or {}), "global_batch": config.batch_size * world, **learner.fingerprint}
-    state = start_or_continue(Path(run_dir), fingerprint, resume, config.epochs, main, learner.module, optimizer,
-                              scheduler, ema, reporter.note)
+    if main:
+        train_state.adopt_legacy(Path(run_dir), resume, reporter.note)
+    accelerator.wait_for_everyone()  # before any process reads its state
+    state, run_dir = start_or_continue(Path(run_dir), fingerprint, resume, config.epochs, main, learner.module,
+                                       optimizer, scheduler, ema, reporter.note)
     use_fused(optimizer, fused)  # a checkpoint's groups carry the kernel of the machine that wrote it
     module, optimizer = accelerator.prepare(learner.module, optimizer)
     if machine.compile:
         module = torch.compile(module)
     ema = ema.to(accelerator.device) if ema is not None else None
     run = _Run(accelerator, module, optimizer, scheduler, ema, state, run_dir, reporter,
-               CheckpointTimer(machine.checkpoint_every, state.step))
+               CheckpointTimer(machine.checkpoint_every, state.step), record or {})
     generator = torch.Generator(device=accelerator.device)
     reporter.start(state, config.epochs, spe)
     for epoch in range(state.epoch, config.epochs):
@@ -249,8 +256,8 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
         reporter.epoch(metrics)
         if run.agree(machine.stop, False)[0] and epoch + 1 < config.epochs:
             raise Interrupted(state, Path(run_dir) / train_state.LAST)
-    model, kept = _kept(learner.deliver(run.scored()), config, Path(run_dir), state, main)
-    return Result(model, state.history[-1], state, main, kept)
+    model, kept = _kept(learner.deliver(run.scored()), config, run_dir, state, main)
+    return Result(model, state.history[-1], state, main, kept, run_dir)
 
 
 def _kept(last: MlpMixer, config: TrainConfig, run_dir: Path, state: TrainState, main: bool) -> tuple[MlpMixer, dict]:
@@ -337,6 +344,7 @@ class _Run:
     run_dir: Path
     reporter: Reporter
     timer: CheckpointTimer
+    record: dict                 # save_model's source and trained_on, for best/
 
     def unwrapped(self) -> torch.nn.Module:  # without DDP and torch.compile: state dict keys as the model's own
         return self.accelerator.unwrap_model(self.module, keep_torch_compile=False)
@@ -402,7 +410,7 @@ class _Run:
             if best:  # before last.pt, which records it as best: a kill between the two leaves an older best
                 # with its own epoch in its config.json, never last.pt naming a best that was not written
                 save_model(deliver(self.scored()), Path(self.run_dir) / train_state.BEST,
-                           kept={"keep": "best", "epoch": self.state.epoch})
+                           kept={"keep": "best", "epoch": self.state.epoch}, **self.record)
             path, size, seconds = train_state.save(self.run_dir, self.state, self.unwrapped(), self.optimizer,
                                                    self.scheduler, self.ema)
             self.reporter.checkpoint(self.state, path, size, seconds)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mixer.errors import MixerError
+from mixer.text import brief
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def validate(key: Key, value):
     rule = key.declaration.rule
     if value is not None and rule is not None and not rule.ok(value):
         shown = list(value) if isinstance(value, tuple) else value
-        raise MixerError(f"{key.name} must be {rule.text}{' or null' if key.nullable else ''}, got {shown!r}")
+        raise MixerError(f"{key.name} must be {rule.text}{' or null' if key.nullable else ''}, got {brief(shown)}")
     return value
 
 
@@ -158,7 +159,7 @@ def coerce(key: str, value, kind):
     if typing.get_origin(kind) is tuple:
         args = typing.get_args(kind)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise MixerError(f"{key} must be a list of {len(args)} numbers, got {value!r}")
+            raise MixerError(f"{key} must be a list of {len(args)} numbers, got {brief(value)}")
         return tuple(_scalar(f"{key}[{i}]", v, t) for (i, (v, t)) in enumerate(zip(value, args)))
     return _scalar(key, value, kind)
 
@@ -166,21 +167,21 @@ def coerce(key: str, value, kind):
 def _scalar(key: str, value, kind):
     if kind is bool:
         if not isinstance(value, bool):
-            raise MixerError(f"{key} must be true or false, got {value!r}")
+            raise MixerError(f"{key} must be true or false, got {brief(value)}")
         return value
     if kind in (int, float) and isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-        raise MixerError(f"{key}: YAML reads {value!r} as a string; write it with a decimal point, "
+        raise MixerError(f"{key}: YAML reads {brief(value)} as a string; write it with a decimal point, "
                          f"e.g. {float(value):.1e}")
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise MixerError(f"{key} must be an integer, got {value!r}")
+            raise MixerError(f"{key} must be an integer, got {brief(value)}")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise MixerError(f"{key} must be a number, got {value!r}")
+            raise MixerError(f"{key} must be a number, got {brief(value)}")
         return float(value)
     if not isinstance(value, str) or not value:
-        raise MixerError(f"{key} must be a non-empty string, got {value!r}")
+        raise MixerError(f"{key} must be a non-empty string, got {brief(value)}")
     return value
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mixer.errors import MixerError
-from mixer.model import MixerConfig
+from mixer.model import MixerConfig, config_at, grid_multiple
 
 GiB = 1 << 30
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}  # per-parameter tensors each optimizer keeps (moments, momentum)
@@ -76,6 +76,14 @@ def activation_values(c: MixerConfig, grad_checkpointing: bool = False) -> int:
     return saved + pixels + 2 * max(p * h, d * s, p * d)
 
 
+def inference_values(c: MixerConfig) -> int:
+    """Values alive per image in a forward without autograd (validation, evaluate, predict, a frozen
+    trunk): the float input and its standardised copy (3·H·W each), the residual stream and a block's
+    norm output and sum (3·P·C), and the widest hidden layer before and after GELU (2·max(P·D_C, C·D_S))."""
+    p, pixels = c.num_patches, c.in_chans * c.image_shape[0] * c.image_shape[1]
+    return 2 * pixels + 3 * p * c.dim + 2 * max(p * c.channel_hidden, c.dim * c.token_hidden) + c.num_classes
+
+
 def _terms(c: MixerConfig, optimizer: str, ema: bool, frozen: bool, models: int,
            grad_checkpointing: bool = False) -> tuple[int, int, int]:
     """(values kept all run, values per image at the activation peak, values of the optimizer step's temporary)."""
@@ -84,15 +92,14 @@ def _terms(c: MixerConfig, optimizer: str, ema: bool, frozen: bool, models: int,
     n, states = parameter_count(c), OPTIMIZER_STATES[optimizer]
     if frozen:  # only the head has gradients and optimizer states; the forward keeps nothing for backward
         head = c.dim * c.num_classes + c.num_classes
-        p, pixels = c.num_patches, c.in_chans * c.image_shape[0] * c.image_shape[1]
         persistent = n + head * (1 + states) + (n if ema else 0)
-        per_image = 2 * pixels + 3 * p * c.dim + 2 * max(p * c.channel_hidden, c.dim * c.token_hidden)
-        return models * persistent, per_image, head
+        return models * persistent, inference_values(c), head
     return models * n * (2 + states + (1 if ema else 0)), activation_values(c, grad_checkpointing), n
 
 
 def training_memory(c: MixerConfig, batch_size: int, bytes_per_value: int = 4, optimizer: str = "adamw",
-                    ema: bool = False, frozen: bool = False, models: int = 1, grad_checkpointing: bool = False) -> int:
+                    ema: bool = False, frozen: bool = False, models: int = 1, grad_checkpointing: bool = False,
+                    eval_batch_size: int = 0) -> int:
     """Bytes the live tensors of a training step of `c` at `batch_size` images reach at their peak (fp32: 4 a value).
 
       parameters × (weights + gradients + optimizer states [+ an EMA copy]) × models
@@ -104,11 +111,14 @@ def training_memory(c: MixerConfig, batch_size: int, bytes_per_value: int = 4, o
     for backward; the forward's working set (the input, the residual stream and the widest hidden
     layer before and after GELU) replaces it. `models`: models trained side by side (the
     benchmark's ours and reference), one step at a time. `grad_checkpointing`: see `activation_values`.
+    `eval_batch_size`: the validation after each epoch, a forward of that many images without autograd
+    (`inference_values`) beside the persistent tensors; it too can be the peak.
     The allocator's own overhead (about 20% more resident memory, measured in
     tests/test_resources.py) is not in this number; `check_training_memory` adds it.
     """
     persistent, per_image, step = _terms(c, optimizer, ema, frozen, models, grad_checkpointing)
-    return (persistent + max(batch_size * per_image, step)) * bytes_per_value
+    peak = max(batch_size * per_image, step, eval_batch_size * inference_values(c))
+    return (persistent + peak) * bytes_per_value
 
 
 def available_memory(device: str | None = None) -> tuple[int, str]:
@@ -137,27 +147,84 @@ def available_memory(device: str | None = None) -> tuple[int, str]:
 
 def check_training_memory(c: MixerConfig, batch_size: int, *, variant: str | None = None, optimizer: str = "adamw",
                           ema: bool = False, frozen: bool = False, models: int = 1, processes: int = 1,
-                          device: str | None = None, grad_checkpointing: bool = False) -> int:
-    """Refuse (naming batch_size, the variant and image_shape) a training step that cannot fit in memory.
+                          device: str | None = None, grad_checkpointing: bool = False,
+                          eval_batch_size: int = 0) -> int:
+    """Refuse (naming batch_size or eval_batch_size, the variant and image_shape) a training step, or the
+    validation after an epoch, that cannot fit in memory.
 
     `processes`: ranks sharing this machine's RAM (on GPUs each has its own). Returns the bytes needed.
     """
     persistent, per_image, step = _terms(c, optimizer, ema, frozen, models, grad_checkpointing)
     need = _with_slack(training_memory(c, batch_size, optimizer=optimizer, ema=ema, frozen=frozen, models=models,
-                                       grad_checkpointing=grad_checkpointing))
+                                       grad_checkpointing=grad_checkpointing, eval_batch_size=eval_batch_size))
     have, where = available_memory(device)
     shared = processes if where == "RAM" else 1
     if need * shared <= have:
         return need
     # the largest batch that fits: undo the slack, then the fixed part, in values of 4 bytes
-    fits = int((have / shared - ALLOCATOR_FIXED) / ALLOCATOR_SLACK / 4 - persistent) // per_image
+    room = int((have / shared - ALLOCATOR_FIXED) / ALLOCATOR_SLACK / 4 - persistent)
+    evaluating = eval_batch_size * inference_values(c) > max(batch_size * per_image, step)
+    (key, size, per) = ("eval_batch_size", eval_batch_size, inference_values(c)) if evaluating else \
+        ("batch_size", batch_size, per_image)
+    fits = room // per
     ranks = f" per process × {shared}" if shared > 1 else ""
     arch = f"variant {variant}" if variant else f"depth {c.depth}, dim {c.dim}"
     arch += f", image_shape {list(c.image_shape)}"
-    advice = (f"lower batch_size to at most {fits}" if fits >= 1 else
-              "even batch_size 1 does not fit: choose a smaller variant or image_shape")
-    raise MixerError(f"batch_size {batch_size} with {arch} needs about {format_bytes(need)}{ranks} of memory to train, "
+    advice = (f"lower {key} to at most {fits}" if fits >= 1 else
+              f"even {key} 1 does not fit: choose a smaller variant or image_shape")
+    what = "to validate after each epoch" if evaluating else "to train"
+    raise MixerError(f"{key} {size} with {arch} needs about {format_bytes(need)}{ranks} of memory {what}, "
                      f"but {format_bytes(have)} of {where} is available; {advice}")
+
+
+def check_inference_memory(c: MixerConfig, batch_size: int, key: str = "eval_batch_size",
+                           device: str | None = None) -> int:
+    """Refuse (naming `key`) a forward of `batch_size` images without autograd that cannot fit in memory."""
+    need = _with_slack((parameter_count(c) + batch_size * inference_values(c)) * 4)
+    have, where = available_memory(device)
+    if need <= have:
+        return need
+    fits = int((have - ALLOCATOR_FIXED) / ALLOCATOR_SLACK / 4 - parameter_count(c)) // inference_values(c)
+    advice = f"lower {key} to at most {fits}" if fits >= 1 else "even one image does not fit: use a smaller model"
+    raise MixerError(f"{key} {batch_size} at image_shape {list(c.image_shape)} needs about {format_bytes(need)} of "
+                     f"memory, but {format_bytes(have)} of {where} is available; {advice}")
+
+
+def expansion_memory(c: MixerConfig, image_shape: tuple[int, int]) -> int:
+    """Bytes the live tensors reach while `mixer.model.at_image_shape` expands `c`'s weights to `image_shape`
+    (fp32; 0 at their own size, which needs no copy).
+
+    At the peak, expanding the last block's token-mixing fc2: the original model, the wider one it
+    builds (`config_at`), the expanded token-mixing tensors of every block (held until they are loaded
+    into it), and the block-diagonal temporary each expanded weight is copied from (one weight's size).
+    """
+    if grid_multiple(c, image_shape) == (1, 1):
+        return 0
+    wide = config_at(c, image_shape)
+    p, s = wide.num_patches, wide.token_hidden
+    token_mixing = c.depth * (2 * p * s + s + p)  # fc1 and fc2 weights and biases
+    return (parameter_count(c) + parameter_count(wide) + token_mixing + p * s) * 4
+
+
+def check_expansion_memory(c: MixerConfig, image_shape: tuple[int, int], device: str = "cpu") -> int:
+    """Refuse (naming image_shape and the largest whole multiple that fits) expanding `c`'s token mixing to
+    `image_shape` when it cannot fit in memory, before anything is built. Returns the bytes needed."""
+    (kh, kw) = grid_multiple(c, image_shape)
+    if (kh, kw) == (1, 1):
+        return 0
+    need = _with_slack(expansion_memory(c, image_shape))
+    have, where = available_memory(device)
+    if need <= have:
+        return need
+    (height, width) = c.image_shape
+    m = 1  # the largest m for which (m·H, m·W) fits: the cost grows as m⁴, so this loop is short
+    while _with_slack(expansion_memory(c, ((m + 1) * height, (m + 1) * width))) <= have:
+        m += 1
+    advice = (f"at most [{m * height}, {m * width}]" if m > 1 else
+              f"only the weights' own [{height}, {width}] fits, without expansion")
+    raise MixerError(f"image_shape {list(image_shape)} expands the token mixing of weights for [{height}, {width}] "
+                     f"{kh * kw}-fold ({kh}x{kw}): about {format_bytes(need)} of memory to build, but "
+                     f"{format_bytes(have)} of {where} is available; choose a smaller image_shape: {advice}")
 
 
 def _with_slack(tensor_bytes: int) -> int:

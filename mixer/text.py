@@ -14,6 +14,7 @@ option takes it in a help text.
 from __future__ import annotations
 
 import os
+import reprlib
 
 # Bidi controls: embeddings and overrides (U+202A-U+202E), isolates (U+2066-U+2069) and the marks
 # (LRM, RLM, ALM) make a line read in another order than it is stored.
@@ -77,6 +78,26 @@ def param_text(value: object, command_line: bool = False) -> str:
     if isinstance(value, tuple):
         return " ".join(str(v) for v in value) if command_line else str(list(value))
     return str(value)
+
+
+# A value from a file shown in a message: a few items a level, a few levels, a bounded string. A YAML
+# alias tree of a few KB is a value of gigabytes once expanded; its repr() alone never ends.
+_BRIEF = reprlib.Repr()  # keyword arguments only from Python 3.12
+for (_name, _limit) in dict(maxlevel=2, maxlist=4, maxtuple=4, maxdict=4, maxset=4, maxfrozenset=4, maxstring=80,
+                            maxother=80, maxlong=40).items():
+    setattr(_BRIEF, _name, _limit)
+MAX_LINE = 1000  # characters of one error line (a message names a few values and paths, each bounded)
+
+
+def brief(value: object) -> str:
+    """`repr(value)`, bounded (at most a few hundred characters, whatever the value holds)."""
+    return _BRIEF.repr(value)
+
+
+def one_line(message: object) -> str:
+    """A message as one bounded line for a terminal: `shown`, cut to MAX_LINE characters with an ellipsis."""
+    text = shown(message)
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 1] + "…"
 
 
 def spreadsheet_safe(cell: object) -> object:

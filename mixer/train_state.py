@@ -1,6 +1,11 @@
 """The resumable state of a training run: `last.pt` in the run's checkpoint folder, when it is
 written (`Every`, `CheckpointTimer`) and whether a run continues from it (`start_or_continue`).
 
+Each run has a folder of its own, named by its fingerprint, under the folder of its output
+(checkpoints/<output_dir>/<key>/): a run with other params never overwrites another's state, so an
+interrupted run continues when its params come back, whatever ran in between. Every run's folder
+stays until the user removes it; a new run says how many others are kept and how much disk they take.
+
 One file holds everything a run needs to continue exactly: weights, optimizer, schedule and EMA,
 the position (epoch and optimizer step within it), the per-epoch history and the running sums of
 the epoch in progress. No random state: the loop draws every batch's randomness from its position.
@@ -11,7 +16,11 @@ run is never loaded. Files are written to a temporary name and renamed, and read
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,9 +30,11 @@ import torch
 
 from mixer.errors import MixerError
 from mixer.files import atomic_write
+from mixer.resources import format_bytes
 
 LAST = "last.pt"
 BEST = "best"  # a model directory: the weights of the epoch with the best val accuracy
+RUN_RECORD = "fingerprint.json"  # what decides the run's result (its params, data and starting weights)
 FORMAT = 3
 
 
@@ -145,36 +156,106 @@ def remove_temporaries(directory: Path) -> list[Path]:
     return leftovers
 
 
-def start_or_continue(run_dir: Path, fingerprint: dict, resume: bool | None, epochs: int, main: bool, model,
-                      optimizer, scheduler, ema, note: Callable[[str], None]) -> TrainState:
-    """The state to start from: this run's checkpoint in `run_dir`, or a fresh one (see `train`)."""
-    path = run_dir / LAST
-    if main:
-        remove_temporaries(run_dir)
+KEY = re.compile(r"[0-9a-f]{12}")  # a run folder's name: the start of its fingerprint's sha256
+
+
+def run_key(fingerprint: dict) -> str:
+    """The name of a run's folder: the same for the same fingerprint on every machine and process."""
+    text = json.dumps(fingerprint, sort_keys=True, default=str, ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_folder(root: Path, fingerprint: dict) -> Path:
+    """root/<key>: the folder of the run with this fingerprint, in the folder of its output (`root`)."""
+    return Path(root) / run_key(fingerprint)
+
+
+def other_runs(root: Path, folder: Path) -> list[Path]:
+    """The other runs' folders kept under `root`."""
     try:
-        payload = read(run_dir) if resume is not False else None
+        return sorted(p for p in Path(root).iterdir() if KEY.fullmatch(p.name) and p.is_dir() and p != Path(folder))
+    except OSError:
+        return []
+
+
+def disk_bytes(folders: list[Path]) -> int:
+    """Bytes the files under `folders` take."""
+    total = 0
+    for folder in folders:
+        for (parent, _, files) in os.walk(folder):
+            total += sum(os.lstat(os.path.join(parent, f)).st_size for f in files)
+    return total
+
+
+def adopt_legacy(root: Path, resume: bool | None, note: Callable[[str], None]) -> None:
+    """A checkpoint of the layout before per-run folders (root/last.pt, root/best/): moved into its run's
+    folder, so it continues when its params come back, as any run does. The main process calls it
+    before any process reads its state. One of another version of mixer stays where it is (--resume: an error)."""
+    root = Path(root)
+    try:
+        payload = read(root)
     except OtherVersion:
         if resume:
             raise
-        note(f"starting a new run: {path} is of another version of mixer; it stays until this run writes its "
-             "first checkpoint")
-        return TrainState(fingerprint)
+        note(f"{root / LAST} is of another version of mixer: left as it is (delete it to free its space)")
+        return
+    if payload is None or not isinstance(payload.get("fingerprint"), dict):
+        return
+    folder = run_folder(root, payload["fingerprint"])
+    folder.mkdir(exist_ok=True)
+    for name in (BEST, LAST):  # best/ first: a kill between the two leaves last.pt where it is read again
+        if os.path.lexists(root / name) and not os.path.lexists(folder / name):
+            shutil.move(str(root / name), str(folder / name))
+
+
+def start_or_continue(root: Path, fingerprint: dict, resume: bool | None, epochs: int, main: bool, model,
+                      optimizer, scheduler, ema, note: Callable[[str], None]) -> tuple[TrainState, Path]:
+    """The state to start from, and the run's folder under `root`: this run's checkpoint, or a fresh state
+    (see `train`). Other runs' folders are never touched."""
+    folder = run_folder(root, fingerprint)
+    path = folder / LAST
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(folder)
+    others = other_runs(root, folder)
+    try:
+        payload = read(folder) if resume is not False else None
+    except OtherVersion:
+        if resume:
+            raise
+        note(f"starting a new run: {path} is of another version of mixer; it is replaced at this run's first "
+             "checkpoint")
+        return TrainState(fingerprint), folder
+    if payload is not None and differences(payload["fingerprint"], fingerprint):  # a hash collision, in theory
+        raise MixerError(f"{path} holds another run than its folder's name says; delete {folder}")
     if payload is None:
+        if resume and others:
+            closest = min((read_fingerprint(o) for o in others), key=lambda f: len(differences(f, fingerprint)))
+            raise MixerError(f"cannot resume: {root} holds no checkpoint of this run, only of {len(others)} other "
+                             f"run(s) (the closest: {'; '.join(differences(closest, fingerprint)) or 'unreadable'}); "
+                             "train without --resume to start this one")
         if resume:
             note(f"no checkpoint at {path}: starting from scratch")
-        return TrainState(fingerprint)
-    changed = differences(payload["fingerprint"], fingerprint)
-    if changed and resume:
-        raise MixerError(f"cannot resume: {path} is of another run ({'; '.join(changed)}); train without "
-                         "--resume to start a new run")
-    if changed:
-        note(f"starting a new run: {path} is of another run ({'; '.join(changed)}); it stays until this "
-             "run writes its first checkpoint")
-        return TrainState(fingerprint)
+        if main:  # the run's params, readable without torch, beside its checkpoint
+            atomic_write(folder / RUN_RECORD, json.dumps(fingerprint, indent=1, sort_keys=True, default=str) + "\n")
+        if others and main:
+            note(f"starting a new run in {folder}; {len(others)} other run(s) stay in {root} "
+                 f"({format_bytes(disk_bytes(others))}) and continue when their params come back; "
+                 f"`rm -r {root}/<run>` frees one")
+        return TrainState(fingerprint), folder
     state = restore(payload, path, model, optimizer, scheduler, ema)
     note(f"continuing from {path}: epoch {state.epoch + 1}, step {state.step}" if state.epoch < epochs
          else f"{path} holds this run, complete: writing its model")
-    return state
+    return state, folder
+
+
+def read_fingerprint(folder: Path) -> dict:
+    """The fingerprint a run folder's checkpoint records ({} when it has none or cannot be read)."""
+    try:
+        payload = read(folder)
+    except MixerError:
+        return {}
+    return payload.get("fingerprint", {}) if payload else {}
 
 
 class CheckpointTimer:

@@ -18,7 +18,7 @@ from mixer.model import MixerConfig, MlpMixer, create_model
 from mixer.resources import check_training_memory
 from pipeline.params import load_params
 from pipeline.paths import PREPARED
-from pipeline.train import architecture
+from pipeline.train import model_config
 
 ORIGINAL = dict(image_shape=(256, 256), patch_shape=(16, 16), depth=6, dim=512, num_classes=120)
 
@@ -29,7 +29,7 @@ def configs(which: str, params_file: Path) -> dict[str, tuple[MixerConfig, int]]
         out["original"] = (create_model(**ORIGINAL).config, 16)
     if which in ("default", "both"):
         p = load_params(params_file)
-        out["default"] = (architecture(p, p.num_classes or 10, p.image_shape), p.batch_size)  # what training builds
+        out["default"] = (model_config(p, p.num_classes or 10), p.batch_size)  # what training builds
     if not out:
         raise MixerError(f"--config must be original, default or both, got {which!r}")
     return out

@@ -18,7 +18,8 @@ from typing import Annotated, Optional
 import typer
 
 from mixer.errors import MixerError
-from mixer.text import param_text, shown
+from mixer.launch import is_main
+from mixer.text import one_line, param_text, shown
 from pipeline.allocator import keep_freed_memory
 from pipeline.params import KEYS, PARAMS_FILE, RENAMED, STAGES, stage_keys
 
@@ -32,7 +33,8 @@ def fail(message: str) -> typer.Exit:
     """Print a one-line error and return the exit to raise (code 2)."""
     # Every MixerError ends here, and its message names paths, class names or URLs from outside:
     # escaped, so they cannot drive the terminal, and a line break in one keeps the error on one line.
-    typer.echo(f"error: {shown(message)}", err=True)
+    if is_main():  # launched processes fail alike: rank 0 says it once
+        typer.echo(f"error: {one_line(message)}", err=True)
     return typer.Exit(2)
 
 
@@ -203,8 +205,11 @@ def predict(paths: Annotated[list[Path], typer.Argument(help="images or folders 
             ] = None,
             top_k: Annotated[int, typer.Option("--top-k", help="labels per image")] = 5,
             out: Annotated[Optional[Path], typer.Option(help="write the predictions to this file")] = None,
-            format: Annotated[str, typer.Option(help="format of --out: csv, or json (JSON Lines)")] = "csv",
-            workers: Annotated[int, typer.Option(help="decoding processes (a machine setting)")] = 2,
+            format: Annotated[Optional[str], typer.Option(
+                help="csv, or json (JSON Lines); default: what --out's name says (.json, .jsonl: json; else csv). "
+                     "Without --out: the rows to standard output, in this format")] = None,
+            workers: Annotated[int, typer.Option(
+                help="decoding processes, at most one per image and CPU (a machine setting)")] = 2,
             params: ParamsOption = PARAMS_FILE) -> None:
     """Classify images with a trained model: top-k labels and probabilities per image.
 

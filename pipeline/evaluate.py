@@ -15,6 +15,7 @@ from mixer.evaluation import split_logits
 from mixer.figures import confusion_figure, learning_curves_figure, mistakes_figure
 from mixer.metrics import score
 from mixer.model import MlpMixer
+from mixer.resources import check_inference_memory
 from mixer.text import markdown, param_text, shown
 from pipeline.outputs import FIGURES as FIGURES_DIR, REPORT, Plan, Target, writing
 from pipeline.params import KEYS, Params, load_params
@@ -34,6 +35,7 @@ def run(params_file: Path, overrides: dict, other_data: bool = False) -> dict:
     p = load_params(params_file, overrides)
     plan(p).verify()  # before any work
     model = load_model(Path(p.output_dir))
+    check_inference_memory(model.config, p.eval_batch_size)
     prepared = open_prepared(PREPARED)
     check_fits(model, Path(p.output_dir), prepared)
     scored = check_data(model, Path(p.output_dir), prepared, other_data)

@@ -63,6 +63,7 @@ class Kind:
     recognise: Callable[[Path], bool] | None = None
     keep: frozenset[str] = frozenset({".gitignore"})
     temporaries: str = ""  # a glob of leftovers its own writer removes (mixer.train_state.remove_temporaries)
+    named: str = ""        # a glob of entries it names itself (a run folder's per-run folders)
 
     def owns(self, path: Path) -> str | None:
         """None when `path` (which exists) is an artifact of this kind; else what is there instead."""
@@ -74,7 +75,8 @@ class Kind:
             return f"a folder that cannot be read ({exc.strerror})"
         if all(n in self.keep for n in names):  # empty, but for DVC's .gitignore
             return None
-        foreign = [n for n in names if n not in self.entries | self.keep and not fnmatch.fnmatch(n, self.temporaries)]
+        foreign = [n for n in names if n not in self.entries | self.keep and not fnmatch.fnmatch(n, self.temporaries)
+                   and not (self.named and fnmatch.fnmatch(n, self.named) and (path / n).is_dir())]
         if foreign:
             return f"a folder with files this command did not write (e.g. {foreign[0]!r})"
         if self.recognise is not None and not self.recognise(path):
@@ -161,7 +163,8 @@ PREPARED = Kind("prepared cache", True, frozenset({IMAGES, MANIFEST, INFO}),
 TRAIN_LOG = Kind("training log", True, frozenset({"metrics.json", "params.yaml", "plots", "report.html",
                                                   "report.md", "dvc.yaml"}))
 FIGURES = Kind("figures folder", True, frozenset({"confusion.png", "learning_curves.png", "mistakes.png"}))
-RUN = Kind("run checkpoint folder", True, frozenset({LAST, BEST}), temporaries=".*.tmp")
+# the folder of an output's runs: one folder per run (mixer.train_state.run_key), and the layout before that
+RUN = Kind("run checkpoint folder", True, frozenset({LAST, BEST}), temporaries=".*.tmp", named="[0-9a-f]" * 12)
 REPORT = Kind("report", False, recognise=_is_report)
 PREDICTIONS = Kind("predictions file", False, recognise=_is_predictions)
 ONNX = Kind("ONNX model", False, recognise=lambda p: _starts_with(p, "\x08") and _is_model_dir(p.parent))

@@ -28,7 +28,7 @@ from mixer.errors import MixerError
 from mixer.hparams import Key, hp, one_of
 from mixer.model import VARIANTS, MixerConfig, grid_multiple
 from mixer.pretrained import pretrained_config
-from mixer.text import shown
+from mixer.text import brief, shown
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -130,7 +130,7 @@ class _Loader(yaml.SafeLoader):
             try:
                 if key in first:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice (first on line {first[key]})", key_node.start_mark)
+                        None, None, f"key {brief(key)} is given twice (first on line {first[key]})", key_node.start_mark)
                 first[key] = key_node.start_mark.line + 1
             except TypeError:  # an unhashable key: the base class says so
                 pass
@@ -173,7 +173,7 @@ def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None) -> Para
     known = set(KEYS)
     unknown = sorted(map(str, set(raw) - known))
     if unknown:
-        raise MixerError(f"{path}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
+        raise MixerError(f"{path}: unknown key {brief(unknown[0])}" + (f" (and {brief(unknown[1:])})" if unknown[1:] else ""))
     missing = sorted(known - set(raw))
     if missing:
         raise MixerError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))

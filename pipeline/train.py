@@ -23,6 +23,7 @@ from mixer.checkpoint import save_model
 from mixer.data import Prepared, open_prepared
 from mixer.engine import Interrupted, Machine, TrainConfig, steps_per_epoch, train
 from mixer.errors import MixerError
+from mixer.launch import processes
 from mixer.model import MixerConfig, MlpMixer, at_image_shape, config_at, variant_config
 from mixer.pretrained import is_remote, load_pretrained, pretrained_config
 from mixer.resources import check_training_memory, format_bytes
@@ -48,22 +49,28 @@ def architecture(p: Params, num_classes: int, image_shape: tuple[int, int]) -> M
                           channel_hidden=p.channel_hidden, dropout=p.dropout, drop_path=p.drop_path)
 
 
+def model_config(p: Params, num_classes: int | None = None, checkpoint: MixerConfig | None = None) -> MixerConfig:
+    """The architecture `train` builds for these params: the checkpoint's at image_shape (token mixing
+    expanded) with a head for the data's classes, or the params' own. The one home of that decision
+    (`check`'s memory estimate and `bench` ask it too). `num_classes`: the data's, when known; else
+    num_classes, else the checkpoint's, else 1000 (a bound). `checkpoint`: its architecture, when loaded."""
+    if p.checkpoint is not None:
+        have = config_at(checkpoint or pretrained_config(p.checkpoint), p.image_shape)
+        return replace(have, num_classes=num_classes or p.num_classes or have.num_classes)
+    return architecture(p, num_classes or p.num_classes or 1000, p.image_shape)
+
+
 def check_memory(p: Params, config: MixerConfig | None = None, processes: int = 1,
                  grad_checkpointing: bool = False) -> int:
-    """Refuse params whose training step cannot fit in this machine's memory; returns the estimate in bytes.
-
-    `config`: the model's architecture when it is built; else the params' (or the checkpoint's),
-    with 1000 classes, a bound, when num_classes comes from the data. `grad_checkpointing`: the
-    machine setting (`mixer train --grad-checkpointing`), which keeps fewer activations.
+    """Refuse params whose training step (or validation) cannot fit in this machine's memory; returns the
+    estimate in bytes. `config`: the model's architecture when it is known; else `model_config`'s bound.
+    `grad_checkpointing`: the machine setting (`mixer train --grad-checkpointing`), which keeps fewer activations.
     """
-    if config is None and p.checkpoint is not None:
-        have = config_at(pretrained_config(p.checkpoint), p.image_shape)
-        config = replace(have, num_classes=p.num_classes or have.num_classes)
-    elif config is None:
-        config = architecture(p, p.num_classes or 1000, p.image_shape)
+    config = config or model_config(p)
     return check_training_memory(config, p.batch_size, variant=p.variant if p.checkpoint is None else None,
                                  optimizer=p.optimizer, ema=p.ema_decay > 0, frozen=p.freeze == "features",
-                                 processes=processes, grad_checkpointing=grad_checkpointing)
+                                 processes=processes, grad_checkpointing=grad_checkpointing,
+                                 eval_batch_size=p.eval_batch_size)
 
 
 def memory_line(need: int, p: Params, machine: Machine) -> str:
@@ -242,7 +249,8 @@ def writable_folder(path: Path) -> None:
 
 def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | None, bar: bool | None) -> dict:
     p = load_params(params_file, overrides)
-    main = os.environ.get("RANK", "0") == "0"
+    launched = processes()  # the one decision of which process writes; the engine's Accelerator agrees
+    main = launched.main
     if main:  # before any work: the outputs are ones this command may replace
         plan(p).verify()
     prepared = open_prepared(PREPARED)
@@ -250,12 +258,12 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     image_shape = input_shape(p, pretrained.config if pretrained is not None else None)
     check_prepared(p, prepared, image_shape)
     # before the model is built (it alone may not fit); the ranks on this machine share its RAM
-    need = check_memory(p, pretrained and config_at(pretrained.config, image_shape),
-                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), machine.grad_checkpointing)
+    need = check_memory(p, model_config(p, len(prepared.classes), pretrained and pretrained.config),
+                        launched.local_world, machine.grad_checkpointing)
     model = build_model(p, prepared.classes, prepared.resize, image_shape, pretrained)
     train_split, val_split = prepared.split("train"), prepared.split("val")
     config = train_config(p)
-    steps_per_epoch(len(train_split), config, int(os.environ.get("WORLD_SIZE", "1")))  # before touching any file
+    steps_per_epoch(len(train_split), config, launched.world)  # before touching any file
     folder = run_dir(p.output_dir)
     outputs = writing("mixer train", plan(p)) if main else nullcontext()
     with outputs as staging, stop_on_signals() as stop:
@@ -266,13 +274,13 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
             reporter = LiveReporter(live_dir, p, bar)
             reporter.line(memory_line(need, p, machine))
         stop_when_dvc_dies()
+        record = dict(source=None if model.source is None else {"fine_tuned_from": model.source},
+                      trained_on=trained_on(p, prepared))  # on every model the run writes: best/ too
         try:
             result = train(model, train_split, val_split, config, model.preprocessing, folder,
-                           fingerprint(p, prepared, model), replace(machine, stop=stop), resume, reporter)
+                           fingerprint(p, prepared, model), replace(machine, stop=stop), resume, reporter, record)
             if main:
-                save_model(result.model, model_dir,
-                           source=None if model.source is None else {"fine_tuned_from": model.source},
-                           trained_on=trained_on(p, prepared), kept=result.kept)
+                save_model(result.model, model_dir, kept=result.kept, **record)
                 reporter.end()
         except Interrupted as exc:
             raise Stopped(str(exc), stop.signum) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from types import SimpleNamespace
 
@@ -11,7 +12,8 @@ import torch
 from mixer import train_state
 from mixer.errors import MixerError
 from mixer.schedule import build_scheduler
-from mixer.train_state import CheckpointTimer, Every, TrainState, differences, start_or_continue
+from mixer.resources import format_bytes
+from mixer.train_state import CheckpointTimer, Every, TrainState, differences, run_key, start_or_continue
 
 AGAIN = "delete it, or train with --no-resume to start over"
 
@@ -84,37 +86,66 @@ def test_leftovers_of_interrupted_writes_are_removed_and_nothing_else(tmp_path):
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in kept)
 
 
-def test_start_or_continue_says_what_it_did(tmp_path):
+def test_start_or_continue_keeps_each_run_in_a_folder_of_its_own(tmp_path):
     notes: list[str] = []
-    path = tmp_path / "last.pt"
+    a, b = {"lr": 0.1, "seed": 0}, {"lr": 0.2, "seed": 1}
+    folder_a, folder_b = tmp_path / run_key(a), tmp_path / run_key(b)
 
     def start(fingerprint, resume, epochs=3):
         return start_or_continue(tmp_path, fingerprint, resume, epochs, True, *objects(), None, notes.append)
 
-    assert start({"lr": 0.1}, True).fingerprint == {"lr": 0.1}
-    assert notes.pop() == f"no checkpoint at {path}: starting from scratch"
-    saved(tmp_path, {"lr": 0.1, "seed": 0})
+    (state, folder) = start(a, True)
+    assert (state.fingerprint, folder) == (a, folder_a)
+    assert notes.pop() == f"no checkpoint at {folder_a / 'last.pt'}: starting from scratch"
+    assert json.loads((folder_a / "fingerprint.json").read_text()) == a  # readable without torch
+    saved(folder_a, a)
     with pytest.raises(MixerError) as caught:
-        start({"lr": 0.2, "seed": 1}, True)
-    assert str(caught.value) == (f"cannot resume: {path} is of another run (lr 0.1 → 0.2; seed 0 → 1); train "
-                                 "without --resume to start a new run")
-    state = start({"lr": 0.2, "seed": 1}, None)
-    assert (state.fingerprint, state.step) == ({"lr": 0.2, "seed": 1}, 0)
-    assert notes.pop() == (f"starting a new run: {path} is of another run (lr 0.1 → 0.2; seed 0 → 1); it stays "
-                           "until this run writes its first checkpoint")
-    state = start({"lr": 0.1, "seed": 0}, None)
-    assert (state.epoch, state.step) == (1, 6)
-    assert notes.pop() == f"continuing from {path}: epoch 2, step 6"
-    start({"lr": 0.1, "seed": 0}, None, epochs=1)
-    assert notes.pop() == f"{path} holds this run, complete: writing its model"
-    assert start({"lr": 0.1, "seed": 0}, False).step == 0 and not notes
+        start(b, True)
+    assert str(caught.value) == (f"cannot resume: {tmp_path} holds no checkpoint of this run, only of 1 other run(s) "
+                                 "(the closest: lr 0.1 → 0.2; seed 0 → 1); train without --resume to start this one")
+    (state, folder) = start(b, None)
+    assert (state.fingerprint, state.step, folder) == (b, 0, folder_b)
+    size = train_state.disk_bytes([folder_a])
+    assert notes.pop() == (f"starting a new run in {folder_b}; 1 other run(s) stay in {tmp_path} "
+                           f"({format_bytes(size)}) and continue when their params come back; "
+                           f"`rm -r {tmp_path}/<run>` frees one")
+    saved(folder_b, b, epoch=2, step=9)  # the second run checkpoints: the first's state is untouched
+    (state, folder) = start(a, None)
+    assert (state.epoch, state.step, folder) == (1, 6, folder_a)
+    assert notes.pop() == f"continuing from {folder_a / 'last.pt'}: epoch 2, step 6"
+    assert start(b, None)[0].step == 9
+    notes.pop()
+    start(a, None, epochs=1)
+    assert notes.pop() == f"{folder_a / 'last.pt'} holds this run, complete: writing its model"
+    assert start(a, False)[0].step == 0 and notes.pop().startswith(f"starting a new run in {folder_a}; 1 other")
+
+
+def test_a_checkpoint_of_the_layout_before_run_folders_moves_into_its_runs_folder(tmp_path):
+    a = {"lr": 0.1, "seed": 0}
+    saved(tmp_path, a)  # checkpoints/<output_dir>/last.pt, as versions before run folders wrote it
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "config.json").write_text("{}")
+    notes: list[str] = []
+    train_state.adopt_legacy(tmp_path, None, notes.append)
+    (state, folder) = start_or_continue(tmp_path, {"lr": 0.2}, None, 3, True, *objects(), None, notes.append)
+    assert state.step == 0 and folder == tmp_path / run_key({"lr": 0.2})
+    assert not (tmp_path / "last.pt").exists()
+    assert (tmp_path / run_key(a) / "last.pt").is_file() and (tmp_path / run_key(a) / "best" / "config.json").is_file()
+    (state, folder) = start_or_continue(tmp_path, a, None, 3, True, *objects(), None, notes.append)
+    assert (state.step, folder) == (6, tmp_path / run_key(a))
+
+
+def test_run_keys_are_the_same_for_the_same_fingerprint_and_differ_otherwise():
+    assert run_key({"lr": 0.1, "depth": 4}) == run_key({"depth": 4, "lr": 0.1})
+    assert len({run_key({"lr": 0.1}), run_key({"lr": 0.2}), run_key({"lr": 0.1, "depth": 4})}) == 3
+    assert train_state.KEY.fullmatch(run_key({"image_shape": [8, 8]}))
 
 
 def test_a_same_run_checkpoint_that_does_not_fit_names_its_path(tmp_path):
-    saved(tmp_path, {"run": 1})
+    saved(tmp_path / run_key({"run": 1}), {"run": 1})
     wider = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(wider.parameters(), lr=0.1)
-    with pytest.raises(MixerError, match=f"^{tmp_path / 'last.pt'} does not fit this run"):
+    with pytest.raises(MixerError, match=f"^{tmp_path / run_key({'run': 1}) / 'last.pt'} does not fit this run"):
         start_or_continue(tmp_path, {"run": 1}, None, 3, True, wider, optimizer,
                           build_scheduler(optimizer, 4, 3, 1, "cosine", 0.0), None, lambda _: None)
 
@@ -139,12 +170,20 @@ def test_the_timer_is_due_at_the_interval_not_before():
 
 def test_a_checkpoint_of_another_version_starts_a_new_run_unless_resume_is_asked(tmp_path):
     """After an upgrade, `dvc repro` (resume unset) starts over with a note; --resume says why it cannot."""
-    torch.save({"format": train_state.FORMAT - 1}, tmp_path / "last.pt")
+    torch.save({"format": train_state.FORMAT - 1}, tmp_path / "last.pt")  # the layout before run folders
     notes = []
-    state = train_state.start_or_continue(tmp_path, {"run": 1}, None, 3, True, *objects(1), None, notes.append)
+    train_state.adopt_legacy(tmp_path, None, notes.append)
+    assert notes == [f"{tmp_path / 'last.pt'} is of another version of mixer: left as it is (delete it to free its "
+                     "space)"]
+    with pytest.raises(MixerError, match="is not a checkpoint of this version of mixer"):
+        train_state.adopt_legacy(tmp_path, True, notes.append)
+    folder = tmp_path / run_key({"run": 1})  # and in a run's own folder
+    folder.mkdir()
+    torch.save({"format": train_state.FORMAT - 1}, folder / "last.pt")
+    (state, _) = train_state.start_or_continue(tmp_path, {"run": 1}, None, 3, True, *objects(1), None, notes.append)
     assert (state.epoch, state.step, state.fingerprint) == (0, 0, {"run": 1})
-    assert notes == [f"starting a new run: {tmp_path / 'last.pt'} is of another version of mixer; it stays until "
-                     "this run writes its first checkpoint"]
+    assert notes[-1] == (f"starting a new run: {folder / 'last.pt'} is of another version of mixer; it is replaced "
+                         "at this run's first checkpoint")
     with pytest.raises(MixerError, match="is not a checkpoint of this version of mixer"):
         train_state.start_or_continue(tmp_path, {"run": 1}, True, 3, True, *objects(1), None, notes.append)
     assert (tmp_path / "last.pt").exists()
