@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from mixer.errors import MixerError
 from mixer.hparams import Rule, at_least, check, hp, one_of
 from mixer.preprocess import RESIZE_POLICIES, to_float
 from mixer.sources import Source, printable
-from mixer.split import SPLITS, find_cross_split_duplicates, split_by_class
+from mixer.split import SPLITS, find_cross_split_duplicates, find_label_conflicts, split_by_class
 from mixer.text import spreadsheet_safe
 
 IMAGES, MANIFEST, INFO = "images.npy", "manifest.csv", "prepared.json"  # the files of a prepared cache
@@ -67,11 +68,11 @@ def check_source(source: Source, config: PrepareConfig) -> None:
         raise MixerError(f"num_classes is {config.num_classes} but data {printable(source.root)} has "
                          f"{len(source.classes)} classes ({names}); set num_classes: {len(source.classes)}, or null "
                          "to take it from the data")
-    have = {label for (_, label) in source.items}
-    empty = [c for c in source.classes if c not in have]
-    if empty:
-        raise MixerError(f"data {printable(source.root)}: class {empty[0]!r} has no images"
-                         + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else "") + "; add images or remove it")
+    listing = pd.DataFrame({"path": [rel for (rel, _) in source.items],
+                            "label_name": [label for (_, label) in source.items]})
+    listing["label"] = listing["label_name"].map({name: i for (i, name) in enumerate(source.classes)})
+    listing["split"] = _splits(source, listing, config)  # as prepare will split it, if every image decodes
+    check_learnable(source, listing, config)
     if config.strict and source.label_conflicts:
         c = source.label_conflicts[0]
         raise MixerError(f"{source.root}: {c['path']!r} is labelled {' and '.join(map(repr, c['labels']))} "
@@ -79,6 +80,55 @@ def check_source(source: Source, config: PrepareConfig) -> None:
     if config.strict and source.skipped:
         s = source.skipped[0]
         raise MixerError(f"{printable(source.root / s['path'])}: {s['reason']} (strict: true)")
+
+
+def check_learnable(source: Source, table: pd.DataFrame, config: PrepareConfig,
+                    dropped: Counter | None = None) -> None:
+    """Every class has a training image and every split an image: else train or evaluate fails on a cache
+    that prepare wrote. The rule's one home: `check_source` asks it of the listing (split as prepare will
+    split it), `prepare` of what decoded, duplicates dropped (`dropped`: how many per split).
+
+    split_by_class keeps a training image per class whenever it cuts, so a class without one comes from
+    a given split (val/<class> without train/<class>) or from files that did not decode; train itself is
+    never empty once every class has an image there.
+    """
+    decoded = dropped is not None
+    root = printable(source.root)
+    held = set(zip(table["label_name"], table["split"]))
+    empty = [c for c in source.classes if not any((c, s) in held for s in SPLITS)]
+    if empty and decoded:
+        raise MixerError(f"class {empty[0]!r} in {source.root} has no usable image")
+    if empty:
+        raise MixerError(f"data {root}: class {empty[0]!r} has no images"
+                         + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else "") + "; add images or remove it")
+
+    def folder(split: str) -> str:
+        return source.split_folders.get(split, split) + "/"
+
+    usable = "usable " if decoded else ""
+    for name in source.classes:
+        if (name, "train") not in held:
+            where = folder(next(s for s in SPLITS if (name, s) in held))
+            train = folder("train")
+            raise MixerError(f"data {root}: class {name!r} has {usable}images in {where} but none in {train}, so it "
+                             f"cannot be learned; add images to {train}{name}/ or remove {where}{name}/")
+    for split in ("val", "test"):
+        if split in {s for (_, s) in held}:
+            continue
+        if dropped and dropped[split]:
+            raise MixerError(f"data {root}: the {split} split holds no image once its {dropped[split]} duplicate(s) "
+                             "of images in an earlier split are dropped; add other images, or set drop_duplicates: "
+                             "false")
+        if split in source.given_splits:
+            raise MixerError(f"data {root}: {folder(split)} holds no {usable}images; put images in "
+                             f"{folder(split)}<class>/, or remove {folder(split)} to cut {split} from "
+                             f"{folder('train')} by {split}_fraction")
+        pool = table[~table["split"].isin(set(source.given_splits) - {"train"})]  # what the split is cut from
+        fraction = getattr(config, f"{split}_fraction")
+        largest = pool["label_name"].value_counts().max()
+        raise MixerError(f"data {root}: {split}_fraction {fraction} leaves the {split} split empty (a class of n "
+                         f"images gives about n × {fraction}, and the largest has {largest}); raise {split}_fraction, "
+                         "or add images")
 
 
 def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int = 1,
@@ -121,14 +171,19 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     })
     table["label"] = table["label_name"].map(class_index)
     table = table[table["hash"].notna()].reset_index(drop=True)
-    empty = [c for c in source.classes if c not in set(table["label_name"])]
-    if empty:
-        raise MixerError(f"class {empty[0]!r} in {source.root} has no usable image")
+    conflicts = find_label_conflicts(table)  # the same content in two classes: one label is wrong
+    if config.strict and conflicts:
+        c = conflicts[0]
+        other = next(i for (i, label) in enumerate(c["copy_labels"]) if label != c["copy_labels"][0])
+        raise MixerError(f"{printable(source.root)}: {c['copies'][0]!r} and {c['copies'][other]!r} hold the same "
+                         f"image, labelled {c['copy_labels'][0]!r} and {c['copy_labels'][other]!r} (strict: true; "
+                         f"{len(conflicts)} such image(s)); keep only the copy in the right class")
     table["split"] = _splits(source, table, config)
     duplicates = find_cross_split_duplicates(table)
     if config.drop_duplicates and duplicates:
         dropped = {d["path"] for d in duplicates}
         table = table[~table["path"].isin(dropped)].reset_index(drop=True)
+    check_learnable(source, table, config, dropped=Counter(d["split"] for d in duplicates if config.drop_duplicates))
     write_csv(table, out_dir / MANIFEST, spreadsheet=False)  # read back by open_prepared: names as they are
     counts = {s: {c: int(((table["split"] == s) & (table["label_name"] == c)).sum()) for c in source.classes}
               for s in SPLITS}
@@ -144,7 +199,7 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
         "skipped": sorted(skipped, key=lambda d: d["path"]),
         "duplicates": duplicates,
         "duplicates_dropped": bool(config.drop_duplicates),
-        "label_conflicts": source.label_conflicts,
+        "label_conflicts": source.label_conflicts + conflicts,  # a CSV path given two labels; an image in two classes
         "duplicate_rows": source.duplicate_rows,
         "image_shape": list(config.image_shape),
         "resize": config.resize,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +39,16 @@ class Source:
     duplicate_rows: int = 0                                     # CSV rows that repeat an earlier one
     given_splits: tuple[str, ...] = ()  # a pre-split folder (train/ val/ test/): the splits it has; each item's
     # path then starts with its split's folder (see `split_of`)
+    split_folders: dict[str, str] = field(default_factory=dict)  # given split -> its folder's name (`Valid`)
 
     def split_of(self, rel: str) -> str:
         """The split a pre-split folder gives an item (its top folder's, `valid` and `validation` as `val`)."""
-        return SPLIT_FOLDERS[rel.split("/", 1)[0]]
+        return SPLIT_FOLDERS[rel.split("/", 1)[0].lower()]
 
 
-# A folder whose top-level folders are all of these, `train` among them, is split already (the timm and
-# torchvision ImageFolder layout, root/train/<class>/...): the classes are the folders below them.
+# A folder whose top-level folders are all of these in any case, `train` among them, is split already (the
+# timm and torchvision ImageFolder layout, root/train/<class>/...): the classes are the folders below them.
+# Some of them beside other folders is neither layout, and refused rather than guessed.
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -97,12 +100,17 @@ def scan_folder(root: Path) -> Source:
     if not root.is_dir():
         raise MixerError(f"data {root} is neither a folder nor a CSV file")
     inside = root.resolve()
+    if inside in _home_and_above() | {Path(inside.anchor)}:
+        raise MixerError(f"data folder {printable(root)} is the file system root, your home folder or a folder above "
+                         "it: every file below would be listed; put the images in a folder of their own "
+                         "(data/<name>/<class>/...) and set dataset to it")
     classes = _class_folders(root, inside)
     if not classes:
         raise MixerError(f"data folder {printable(root)} has no class sub-folders: put each class's images in a "
                          f"folder of its own ({printable(root)}/<class>/...)")
-    if "train" in classes and set(classes) <= set(SPLIT_FOLDERS):
+    if any(name.lower() in SPLIT_FOLDERS for name in classes):
         return _scan_split_folder(root, classes)
+    _refuse_alike([root / name for name in classes])
     items: list[tuple[str, str]] = []
     skipped: list[dict] = []
     seen = {_identity(root)}
@@ -111,14 +119,38 @@ def scan_folder(root: Path) -> Source:
     return Source(root, sorted(items), classes, skipped)
 
 
-def _scan_split_folder(root: Path, splits: list[str]) -> Source:
-    """root/<split>/<class>/...: every split's class folders, scanned as `scan_folder` scans one folder."""
-    named = [SPLIT_FOLDERS[s] for s in splits]
+def _home_and_above() -> set[Path]:
+    """The user's home and the folders above it: a data folder there would walk a whole disk (`dataset: ~`)."""
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no home to be found: nothing to refuse
+        return set()
+    return {home, *home.parents}
+
+
+def _scan_split_folder(root: Path, folders: list[str]) -> Source:
+    """root/<split>/<class>/...: every split's class folders, scanned as `scan_folder` scans one folder.
+
+    Read this way only when every top-level folder names a split, one folder per split, `train` among
+    them; anything else is refused, as either reading could be wrong."""
+    splits = [s for s in folders if s.lower() in SPLIT_FOLDERS]
+    others = [s for s in folders if s.lower() not in SPLIT_FOLDERS]
+    listed = ", ".join(s + "/" for s in splits)
+    if others:
+        beside = ", ".join(s + "/" for s in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise MixerError(f"data folder {printable(root)} has split folders ({listed}) beside other folders ({beside}), "
+                         f"so it reads neither as one folder per class nor as split folders: move {others[0]}/ out "
+                         f"of it, or into the split folders if it is a class")
+    named = [SPLIT_FOLDERS[s.lower()] for s in splits]
     if len(set(named)) < len(named):
-        raise MixerError(f"data folder {printable(root)} has {' and '.join(s + '/' for s in splits if named.count(SPLIT_FOLDERS[s]) > 1)}"
-                         ": one folder per split")
+        twice = [s + "/" for s in splits if named.count(SPLIT_FOLDERS[s.lower()]) > 1]
+        raise MixerError(f"data folder {printable(root)} has {' and '.join(twice)}: one folder per split")
+    if "train" not in named:
+        raise MixerError(f"data folder {printable(root)} has {listed} but no train/: a split data folder needs "
+                         "train/<class>/ to learn from; add it, or rename the folders if they are classes")
     inside = root.resolve()
     parts = {s: _class_folders(root / s, inside) for s in splits}
+    _refuse_alike([root / s / name for s in splits for name in parts[s]])
     classes = sorted(set().union(*parts.values()))
     items: list[tuple[str, str]] = []
     skipped: list[dict] = []
@@ -126,7 +158,21 @@ def _scan_split_folder(root: Path, splits: list[str]) -> Source:
     for split in splits:
         for name in parts[split]:
             _walk(root, root / split / name, name, seen, items, skipped, inside=inside)
-    return Source(root, sorted(items), classes, skipped, given_splits=tuple(sorted(set(named))))
+    return Source(root, sorted(items), classes, skipped, given_splits=tuple(sorted(set(named))),
+                  split_folders={SPLIT_FOLDERS[s.lower()]: s for s in splits})
+
+
+def _refuse_alike(folders: list[Path]) -> None:
+    """Two class folders whose names differ only by case (`Cat`, `cat`) or Unicode form (`café` composed
+    or not, NFC and NFD) would be two classes that print as one: refused, naming both."""
+    first: dict[str, Path] = {}
+    for folder in folders:
+        key = unicodedata.normalize("NFC", folder.name).casefold()
+        other = first.setdefault(key, folder)
+        if other.name != folder.name:
+            raise MixerError(f"class folders {printable(other)} and {printable(folder)} differ only by letter case "
+                             "or Unicode form (NFC/NFD), so they would be two classes that print alike: merge them "
+                             "into one folder, or rename one")
 
 
 def _class_folders(folder: Path, inside: Path) -> list[str]:

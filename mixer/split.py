@@ -1,4 +1,4 @@
-"""Which split each image goes to, and which images repeat across splits.
+"""Which split each image goes to, and which images repeat across splits or classes.
 
 The split depends only on (file key, label, seed): the same file lands in the same split on every
 run and machine, whatever order the files were listed in.
@@ -50,4 +50,16 @@ def find_cross_split_duplicates(table: pd.DataFrame) -> list[dict]:
             if row["split"] != first["split"]:
                 out.append({"path": row["path"], "split": row["split"],
                             "same_as": first["path"], "same_as_split": first["split"]})
+    return sorted(out, key=lambda d: d["path"])
+
+
+def find_label_conflicts(table: pd.DataFrame) -> list[dict]:
+    """Images whose decoded content appears under two or more classes (a copy filed in a wrong folder):
+    both labels would be learned. Each entry names the first copy (`path`), the labels, and every copy
+    with its label (`copies`, `copy_labels`), in path order."""
+    labels_per_hash = table.groupby("hash")["label_name"].transform("nunique")
+    out = []
+    for (_, group) in table[labels_per_hash > 1].sort_values("path").groupby("hash"):
+        out.append({"path": group["path"].iloc[0], "labels": list(dict.fromkeys(group["label_name"])),
+                    "copies": list(group["path"]), "copy_labels": list(group["label_name"])})
     return sorted(out, key=lambda d: d["path"])

@@ -41,5 +41,9 @@ def run(params_file: Path, overrides: dict, workers: int) -> dict:
         data_report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     counts = {split: sum(c.values()) for (split, c) in report["counts"].items()}
     print(f"prepared {len(report['classes'])} classes: {counts}; skipped {len(report['skipped'])}, "
-          f"cross-split duplicates {len(report['duplicates'])}, CSV label conflicts {len(report['label_conflicts'])}")
+          f"cross-split duplicates {len(report['duplicates'])}, label conflicts {len(report['label_conflicts'])}")
+    if report["label_conflicts"]:
+        print(f"warning: {len(report['label_conflicts'])} image(s) have two labels (a CSV row, or the same content in "
+              f"two class folders): each kept its first; see {DATA_REPORT} (strict: true makes it an error)",
+              file=sys.stderr)
     return report

@@ -67,7 +67,7 @@ def test_a_bad_data_source_is_one_line_from_check_and_prepare_alike(tmp_path, mo
 
 def test_a_good_folder_passes_check(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    make_image_folder(tmp_path / "data" / "photos", {"cat": 4, "dog": 4})
+    make_image_folder(tmp_path / "data" / "photos", {"cat": 6, "dog": 6})  # 6: val_fraction 0.1 gives val one each
     write_params(tmp_path / "params.yaml", data="data/photos", num_classes=None)
     result = CliRunner().invoke(app, ["check"])
     assert result.exit_code == 0, result.output
@@ -78,7 +78,7 @@ def test_under_dvc_data_outside_the_tracked_folder_is_refused_with_the_fix(tmp_p
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
-    make_image_folder(tmp_path / "elsewhere", {"cat": 4, "dog": 4})
+    make_image_folder(tmp_path / "elsewhere", {"cat": 6, "dog": 6})
     data = str(tmp_path / "elsewhere")
     if where == "linked":
         (project / "data").mkdir()

@@ -22,8 +22,8 @@ from mixer.errors import MixerError
 from mixer.sources import export_digits, open_source, read_csv, scan_folder
 
 
-def config(**kw):
-    return PrepareConfig(**{"image_shape": (8, 8), **kw})
+def config(**kw):  # val_fraction 0.25: the tiny folders here still give every split an image
+    return PrepareConfig(**{"image_shape": (8, 8), "val_fraction": 0.25, **kw})
 
 
 def test_digits_become_an_image_folder(tmp_path):
@@ -72,7 +72,8 @@ def test_exif_orientation_is_applied_before_resizing(tmp_path):
     # and so it lands in the cache
     root = make_image_folder(tmp_path / "data", {"a": 3, "b": 3}, size=(8, 4))
     (tmp_path / "rotated.jpg").rename(root / "a" / "rotated.jpg")
-    prepare(scan_folder(root), tmp_path / "cache", PrepareConfig(image_shape=(8, 4), test_fraction=0.2))
+    prepare(scan_folder(root), tmp_path / "cache", PrepareConfig(image_shape=(8, 4), val_fraction=0.25,
+                                                                 test_fraction=0.2))
     manifest = pd.read_csv(tmp_path / "cache" / "manifest.csv")
     row = int(manifest.loc[manifest["path"] == "a/rotated.jpg", "row"].iloc[0])
     cached = np.load(tmp_path / "cache" / "images.npy", mmap_mode="r")[row]
@@ -291,7 +292,7 @@ OUTSIDE_FILE = "link to a file outside the data folder; not read"
 ])
 def test_a_walk_stays_in_the_data_folder_and_reports_what_it_leaves(tmp_path, case, extra, skipped):
     """A folder link out of the data folder would put files nobody chose into the cache (and a DVC push)."""
-    root = make_image_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    root = make_image_folder(tmp_path / "data", {"cat": 3, "dog": 3})
     outside = make_image_folder(tmp_path / "outside", {"x": 2})
     (root / ".pool").mkdir()  # hidden: not a class, but inside the data folder
     Image.new("RGB", (8, 8)).save(root / ".pool" / "p.png")
@@ -313,7 +314,7 @@ def test_a_walk_stays_in_the_data_folder_and_reports_what_it_leaves(tmp_path, ca
         os.mkdir(folder)
         Image.new("RGB", (8, 8)).save(folder + b"/a.png")
     source = scan_folder(target)
-    plain = [f"{c}/img{i:03d}.png" for c in ("cat", "dog") for i in range(2)]
+    plain = [f"{c}/img{i:03d}.png" for c in ("cat", "dog") for i in range(3)]
     assert [p for (p, _) in source.items] == sorted(plain + extra)
     assert {s["path"]: s["reason"] for s in source.skipped} == skipped
     prepare(source, tmp_path / "cache", config(test_fraction=0.25, val_fraction=0.25))  # and it prepares

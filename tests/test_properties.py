@@ -206,7 +206,8 @@ def test_any_data_folder_prepares_consistently_or_is_one_line(case):
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as mp:
         project = Path(folder)
         mp.chdir(project)
-        base = dict(COMMITTED, image_shape=[8, 8], patch_shape=[2, 2], num_classes=None, strict=False)
+        base = dict(COMMITTED, image_shape=[8, 8], patch_shape=[2, 2], num_classes=None, strict=False,
+                    val_fraction=0.25)  # every split gets an image from classes of 3 or more
         (project / "params.yaml").write_text(yaml.safe_dump(dict(base, dataset="good")))
         for (name, n) in (("a", 6), ("b", 6)):  # a prepared cache and report the user already has
             (project / "good" / name).mkdir(parents=True)

@@ -155,7 +155,7 @@ def test_the_estimate_is_within_2x_of_the_measured_peak_memory_and_the_check_cov
 def project(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "images", {"a": 4, "b": 4}, size=(8, 8))
     write_params(tmp_path / "params.yaml", data=str(tmp_path / "images"), image_shape=[8, 8], patch_shape=[2, 2],
-                 num_classes=2)
+                 num_classes=2, val_fraction=0.25)  # 0.25: each class of 4 gives val an image
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
