@@ -94,6 +94,13 @@ class Machine:
     log_every: int = 50                       # optimizer steps between reads of the running loss (a host sync)
     grad_checkpointing: bool = False          # recompute each block's activations in the backward (less memory)
 
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise MixerError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():  # Accelerate would run fp32, silently
+            raise MixerError("--mixed-precision fp16 needs a CUDA GPU, and this machine has none (on a CPU it would "
+                             "train in fp32); use --mixed-precision no, or bf16 where the CPU has it natively")
+
 
 class Interrupted(Exception):
     """Training stopped on request, after writing a checkpoint it can continue from."""

@@ -91,7 +91,10 @@ MAX_LINE = 1000  # characters of one error line (a message names a few values an
 
 def brief(value: object) -> str:
     """`repr(value)`, bounded (at most a few hundred characters, whatever the value holds)."""
-    return _BRIEF.repr(value)
+    try:
+        return _BRIEF.repr(value)
+    except ValueError:  # an integer too long for str() (Python refuses beyond 4300 digits)
+        return f"<an integer of {value.bit_length() if isinstance(value, int) else '?'} bits>"
 
 
 def one_line(message: object) -> str:

@@ -9,6 +9,7 @@ when it passes, DVC still re-runs only the stages whose own params changed.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from mixer.sources import open_source
 from mixer.text import shown
 from pipeline import evaluate, prepare, train
 from pipeline.outputs import REPORT, Plan, Target, writing
-from pipeline.params import build, input_shape, load_params
+from pipeline.params import build, input_shape, load_params, notes
 from pipeline.paths import DATA_DIR, PARAMS_CHECKED
 
 CHECKED = "params.yaml passed `mixer check` (its content never changes; DVC stages depend on it)\n"
@@ -48,6 +49,8 @@ def check_data(p, under_dvc: bool) -> None:
 
 def run(params_file: Path, overrides: dict) -> None:
     p = load_params(params_file, overrides)
+    for line in notes(p):
+        print(line, file=sys.stderr)
     check_data(p, under_dvc="DVC_STAGE" in os.environ)
     for stage in (prepare, train, evaluate):  # what each stage will write: before DVC deletes anything
         stage.plan(p).verify()

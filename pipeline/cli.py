@@ -171,13 +171,11 @@ def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
     from mixer.train_state import Every
     from pipeline import train as stage
 
-    if mixed_precision not in ("no", "bf16", "fp16"):
-        raise fail(f"--mixed-precision must be no, bf16 or fp16, got {mixed_precision!r}")
     if log_every < 1:
         raise fail(f"--log-every must be at least 1, got {log_every}")
-    machine = Machine(mixed_precision, compile, Every.parse(checkpoint_every), log_every=log_every,
-                      grad_checkpointing=grad_checkpointing)
     try:
+        machine = Machine(mixed_precision, compile, Every.parse(checkpoint_every), log_every=log_every,
+                          grad_checkpointing=grad_checkpointing)
         stage.run(params, overrides, machine, resume, progress)
     except stage.Stopped as exc:
         signum = exc.signum

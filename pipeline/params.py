@@ -90,6 +90,16 @@ Params = dataclasses.make_dataclass(
                "__doc__": "Every params.yaml key, validated (derived from the declarations: see the module)."})
 
 
+def notes(p: Params) -> list[str]:
+    """Choices that are valid but rarely meant, said in one line each by `check` and `train`."""
+    out = []
+    if p.warmup_step >= p.num_steps > 0 and p.warmup_step > 0:
+        out.append(f"note: warmup_step {p.warmup_step} is not below num_steps {p.num_steps}: the run ends in its "
+                   f"warm-up, at lr {p.lr * p.num_steps / p.warmup_step:.3g} (of the peak {p.lr:g}), and never decays; "
+                   "lower warmup_step to train with the schedule")
+    return out
+
+
 def stage_keys(stage: str) -> list[str]:
     """Names of the params a stage reads (what dvc.yaml lists for it); `check` reads them all."""
     return [k.name for k in KEYS.values() if stage in k.declaration.stages or stage == "check"]

@@ -32,7 +32,7 @@ from mixer.text import shown
 from mixer.train_state import TrainState
 from pipeline.orphan import stop_when_dvc_dies
 from pipeline.outputs import MODEL, RUN, TRAIN_LOG as LOG, Plan, Target, project_places, writing
-from pipeline.params import Params, build, fingerprint_keys, input_shape, load_params
+from pipeline.params import Params, build, fingerprint_keys, input_shape, load_params, notes
 from pipeline.paths import CHECKPOINTS, PREPARED, TRAIN_LOG
 from pipeline.progress import ConsoleReporter
 
@@ -253,6 +253,8 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     main = launched.main
     if main:  # before any work: the outputs are ones this command may replace
         plan(p).verify()
+        for line in notes(p):
+            print(line, file=sys.stderr)
     prepared = open_prepared(PREPARED)
     pretrained = load_pretrained(p.checkpoint) if p.checkpoint is not None else None  # loaded once
     image_shape = input_shape(p, pretrained.config if pretrained is not None else None)

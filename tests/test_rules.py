@@ -1,0 +1,269 @@
+"""The rules of issue 29 across every command they concern: bounded error lines, one main process,
+resources before work, provenance on every model, bench's model is train's, no run's checkpoint lost.
+
+Each table is the rule's neighbours, not only the reported case: every command that reads params,
+every launcher variable, every integer key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import ROOT, make_image_folder, write_params
+from mixer.errors import MixerError
+from mixer.launch import Processes, processes
+from mixer.text import MAX_LINE, brief, one_line
+from pipeline.cli import app
+from pipeline.params import KEYS
+
+TINY = ["--depth", "1", "--dim", "16", "--batch-size", "8", "--warmup-step", "0", "--no-progress"]
+# every command that reads a params file, with what else it needs to get that far
+PARAMS_READERS = [["check"], ["prepare", "--workers", "1"], ["train"], ["evaluate"], ["predict", "x.png"],
+                  ["export"], ["bench", "--config", "default", "--steps", "1"]]
+
+
+@pytest.fixture
+def runner():
+    return CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "images", {"a": 12, "b": 12, "c": 12}, size=(8, 8))
+    write_params(tmp_path / "params.yaml", data=str(tmp_path / "images"), image_shape=[8, 8], patch_shape=[2, 2],
+                 num_classes=3, num_steps=2, warmup_step=0)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def error_line(result) -> str:
+    """The one line a failed command printed; fails the test unless there is exactly one, and no traceback."""
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output[:2000]
+    return lines[0]
+
+
+def alias_tree(levels: int) -> str:
+    """`dataset:` as a YAML alias tree: a few hundred bytes that expand to 9**levels strings."""
+    parts = ["&a0 [x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]"
+                                                   for i in range(1, levels + 1)]
+    return "[" + ", ".join(parts) + "]"
+
+
+# ---- 1. an input problem is one bounded line, exit 2 --------------------------------------------
+
+@pytest.mark.parametrize("command", PARAMS_READERS, ids=lambda c: c[0])
+def test_an_alias_tree_in_params_is_one_short_line_for_every_command(runner, project, command):
+    text = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(re.sub(r"(?m)^dataset: .*$", "dataset: " + alias_tree(6), text))
+    line = error_line(runner.invoke(app, command))
+    assert "dataset must be a non-empty string" in line and len(line) < 400
+
+
+@pytest.mark.timeout(120)  # today's main never ends: the value's repr is 9**9 strings long
+def test_a_nine_level_alias_tree_ends_at_once(runner, project):
+    text = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(re.sub(r"(?m)^dataset: .*$", "dataset: " + alias_tree(9), text))
+    assert "dataset must be" in error_line(runner.invoke(app, ["check"]))
+
+
+@pytest.mark.parametrize("value", [[[1] * 10**4] * 10**4, "x" * 10**6, {str(i): i for i in range(10**5)},
+                                   10**5000, b"\x00" * 10**6], ids=["nested", "string", "dict", "integer", "bytes"])
+def test_values_in_messages_are_bounded(value):
+    assert len(brief(value)) < 200
+    assert len(one_line("y" * 10**6)) == MAX_LINE and one_line("y" * 10**6).endswith("…")
+
+
+def test_a_long_unknown_key_is_named_briefly(runner, project):
+    with open(project / "params.yaml", "a") as f:
+        f.write("k" * 1000 + ": 1\n")  # YAML's longest simple key
+    line = error_line(runner.invoke(app, ["check"]))
+    assert "unknown key" in line and len(line) < 400
+
+
+def integer_count(key) -> int:
+    """How many integers the key's option takes: 1, 2 for a (height, width) pair, 0 for other keys."""
+    if key.base is int:
+        return 1
+    args = typing.get_args(key.base) if typing.get_origin(key.base) is tuple else ()
+    return len(args) if args and all(a is int for a in args) else 0
+
+
+INTEGER_KEYS = [k.name for k in KEYS.values() if integer_count(k)]
+
+
+@pytest.mark.parametrize("key", INTEGER_KEYS)
+@pytest.mark.parametrize("value", [10**18, 10**30, -10**30], ids=["1e18", "1e30", "-1e30"])
+def test_a_huge_integer_is_refused_by_check_for_every_integer_key(runner, project, key, value):
+    """grad_accum and randaugment_n at 10**30 passed check, and train hung in one step."""
+    given = [str(value)] * integer_count(KEYS[key])
+    line = error_line(runner.invoke(app, ["check", f"--{key.replace('_', '-')}", *given]))
+    named = {"num_steps": "num_steps", "warmup_step": "warmup_step", "grad_accum": "grad_accum",
+             "randaugment_n": "randaugment_n", "seed": "seed", "eval_batch_size": "eval_batch_size",
+             "batch_size": "batch_size", "num_classes": "num_classes", "randaugment_m": "randaugment_m"}
+    assert named.get(key, "") in line
+
+
+@pytest.mark.parametrize(("key", "high"), [("grad_accum", 4096), ("randaugment_n", 16), ("num_steps", 100_000),
+                                          ("warmup_step", 100_000)])
+def test_bounded_keys_take_their_bound_and_refuse_one_more(key, high):
+    from pipeline.params import load_params
+
+    assert getattr(load_params(ROOT / "params.yaml", {key: high}), key) == high
+    with pytest.raises(MixerError, match=f"{key} must be in"):
+        load_params(ROOT / "params.yaml", {key: high + 1})
+
+
+# ---- 4. one main process, decided in one place ---------------------------------------------------
+
+LAUNCHED = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, Processes()),
+    ({"RANK": "0"}, Processes()),
+    ({"WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, Processes()),
+    (LAUNCHED, Processes(1, 2, 2)),
+    ({**LAUNCHED, "RANK": "0", "LOCAL_WORLD_SIZE": "1"}, Processes(0, 2, 1)),
+])
+def test_the_launchers_variables_give_the_process_its_place(env, expected):
+    assert processes(env) == expected and processes(env).main == (expected.rank == 0)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RANK": "1"}, "RANK=1 set, but WORLD_SIZE is not above 1: unset RANK"),
+    ({"LOCAL_RANK": "0"}, "LOCAL_RANK=0 set, but WORLD_SIZE is not above 1: unset LOCAL_RANK"),
+    ({"RANK": "3", "LOCAL_RANK": "3"}, "RANK=3 and LOCAL_RANK=3 set"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but this process was not started by a launcher (no RANK, LOCAL_RANK, "
+                          "MASTER_ADDR, MASTER_PORT)"),
+    ({**LAUNCHED, "MASTER_PORT": ""}, "(no MASTER_PORT)"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' must be an integer of at least 1"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be an integer of at least 1"),
+    ({**LAUNCHED, "RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+    ({**LAUNCHED, "RANK": "-1"}, "RANK='-1' must be an integer of at least 0"),
+])
+def test_a_stray_or_partial_launch_environment_is_one_line(env, message):
+    with pytest.raises(MixerError) as caught:
+        processes(env)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("env", [{"RANK": "1"}, {"LOCAL_RANK": "0"}, {"WORLD_SIZE": "2"}])
+def test_train_under_a_stray_launch_variable_stops_before_any_work(runner, project, monkeypatch, env):
+    """RANK=1 mixer train printed nothing, wrote no model and exited 0; WORLD_SIZE=2 was Accelerate's traceback."""
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    for (name, value) in env.items():
+        monkeypatch.setenv(name, value)
+    line = error_line(runner.invoke(app, ["train", *TINY]))
+    assert next(iter(env)) in line
+    assert not (project / "output").exists() and not (project / "checkpoints").exists()
+
+
+def test_a_params_error_is_printed_by_rank_0_only(runner, project, monkeypatch):
+    for (name, value) in LAUNCHED.items():  # this process is rank 1 of 2: rank 0 says it
+        monkeypatch.setenv(name, value)
+    result = runner.invoke(app, ["train", "--depth", "0"])
+    assert result.exit_code == 2 and result.output == ""
+    monkeypatch.setenv("RANK", "0")
+    assert "depth must be at least 1" in error_line(runner.invoke(app, ["train", "--depth", "0"]))
+
+
+# ---- 3. resources are checked before they are spent ----------------------------------------------
+
+def test_check_refuses_a_validation_batch_that_cannot_fit(runner, project):
+    """The training step fits; validation at eval_batch_size after epoch 1 would not."""
+    line = error_line(runner.invoke(app, ["check", "--image-shape", "384", "384", "--patch-shape", "16", "16",
+                                          "--batch-size", "8", "--eval-batch-size", "100000"]))
+    assert "eval_batch_size 100000" in line and "to validate after each epoch" in line
+    assert "lower eval_batch_size to at most" in line
+
+
+def test_evaluate_refuses_an_eval_batch_that_cannot_fit(runner, project):
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    assert runner.invoke(app, ["train", *TINY, "--num-steps", "1"]).exit_code == 0
+    line = error_line(runner.invoke(app, ["evaluate", "--eval-batch-size", str(10**12)]))
+    assert "eval_batch_size 1000000000000 at image_shape [8, 8] needs about" in line
+    assert not (project / "reports" / "metrics.json").exists()
+
+
+# ---- 5, 6, 7: provenance on every model, bench's model, every run's checkpoint kept ----------------
+
+def only_run(root: Path) -> Path:
+    (folder,) = [p for p in root.iterdir() if p.is_dir()]
+    return folder
+
+
+def test_best_records_the_data_and_weights_it_was_trained_from(runner, project):
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    assert runner.invoke(app, ["train", *TINY, "--keep", "best"]).exit_code == 0
+    delivered = json.loads((project / "output" / "config.json").read_text())
+    best = json.loads((only_run(project / "checkpoints" / "output") / "best" / "config.json").read_text())
+    assert best["trained_on"] == delivered["trained_on"] and best["trained_on"]["prepared_data"]
+    # fine-tuned from that model: both of the new run's models name the weights they started from
+    assert runner.invoke(app, ["train", *TINY, "--checkpoint", "output", "--output-dir", "tuned"]).exit_code == 0
+    tuned = json.loads((project / "tuned" / "config.json").read_text())
+    best = json.loads((only_run(project / "checkpoints" / "tuned") / "best" / "config.json").read_text())
+    assert best["source"] == tuned["source"] and best["source"]["fine_tuned_from"]["sha256"]
+    assert best["trained_on"] == tuned["trained_on"]
+
+
+def test_bench_measures_the_model_train_builds_from_a_checkpoint_at_another_size(runner, project):
+    """With checkpoint: a model at 8×8 and image_shape 16×16, bench timed a fresh 16×16 model of params.yaml's
+    architecture instead of the checkpoint's expanded one."""
+    from pipeline.bench import configs
+
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    assert runner.invoke(app, ["train", "--depth", "2", "--dim", "24", "--batch-size", "8", "--warmup-step", "0",
+                               "--no-progress", "--output-dir", "base"]).exit_code == 0
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params.update(checkpoint="base", image_shape=[16, 16], depth=4, dim=16, output_dir="big")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    assert runner.invoke(app, ["train", "--batch-size", "8", "--warmup-step", "0", "--num-steps", "1",
+                               "--no-progress"]).exit_code == 0
+    from mixer.checkpoint import load_model
+
+    built = load_model(project / "big").config
+    (benched, _) = configs("default", project / "params.yaml")["default"]
+    assert (benched.depth, benched.dim, benched.image_shape) == (2, 24, (16, 16))
+    assert benched.to_dict() == {**built.to_dict(), "num_classes": benched.num_classes}
+
+
+def test_a_run_with_other_params_keeps_the_first_runs_checkpoint(runner, project):
+    """`dvc exp run -S depth=8` after an interrupted default run overwrote its only state."""
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    assert runner.invoke(app, ["train", *TINY]).exit_code == 0
+    first = only_run(project / "checkpoints" / "output").relative_to(project)
+    state = (first / "last.pt").read_bytes()
+    other = runner.invoke(app, ["train", *TINY, "--depth", "2"])
+    assert other.exit_code == 0 and "1 other run(s) stay in checkpoints/output" in other.output
+    assert (first / "last.pt").read_bytes() == state
+    again = runner.invoke(app, ["train", *TINY])
+    assert f"{first / 'last.pt'} holds this run, complete: writing its model" in again.output
+    assert json.loads((project / "output" / "config.json").read_text())["architecture"]["depth"] == 1
+
+
+# ---- also confusing: one line instead of a silent surprise ---------------------------------------
+
+def test_a_run_shorter_than_its_warm_up_is_said(runner, project):
+    result = runner.invoke(app, ["check", "--num-steps", "2", "--warmup-step", "5"])
+    assert result.exit_code == 0
+    assert ("note: warmup_step 5 is not below num_steps 2: the run ends in its warm-up, at lr 0.0012 (of the peak "
+            "0.003), and never decays") in result.output
+    assert "warmup_step" not in runner.invoke(app, ["check", "--num-steps", "5", "--warmup-step", "4"]).output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU")
+def test_fp16_on_a_cpu_is_refused_instead_of_running_fp32(runner, project):
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    line = error_line(runner.invoke(app, ["train", *TINY, "--mixed-precision", "fp16"]))
+    assert "--mixed-precision fp16 needs a CUDA GPU" in line
+    assert not (project / "output").exists()
