@@ -10,10 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# A failsafe, never a measure: a test or a process it waits for is stopped after this long only if it
+# hangs. Far above a slow run on a machine at load 17 (the suite's slowest test takes minutes there).
+HANG = 1800
+# Hypothesis' own clocks (a deadline per example, the too-slow health check) are wall-clock verdicts too.
+settings.register_profile("any-load", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("any-load")
 
 
 def write_params(path: Path, **overrides) -> Path:
@@ -53,7 +60,7 @@ def read_until(process: subprocess.Popen, text: str, seen: list[str]) -> str:
     raise AssertionError(f"the process ended before printing {text!r}:\n{''.join(seen)}")
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = HANG) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env or git_env(), capture_output=True, text=True, timeout=timeout)
 
 

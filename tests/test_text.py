@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import ROOT, make_image_folder, write_params
+from conftest import HANG, ROOT, make_image_folder, write_params
 from mixer.checkpoint import save_model
 from mixer.data import write_csv
 from mixer.model import create_model
@@ -190,7 +190,7 @@ def import_weights(tmp_path):
 
 def check(tmp_path):
     data = tmp_path / ("data" + OSC52 + "\u202e")
-    make_image_folder(data, {"a": 1, "b": 1})  # a valid folder: check lists it and prints its name
+    make_image_folder(data, {"a": 10, "b": 10}, size=(4, 4))  # a valid folder: check lists it and prints its name
     write_params(tmp_path / "params.yaml", data=str(data), num_classes=None)
     return ["check"], 0
 
@@ -220,7 +220,7 @@ def test_a_downloaded_models_class_names_cannot_drive_the_terminal(tmp_path):
     """The real command in a child process, bytes as a terminal would get them."""
     args, _ = predict_class_names(tmp_path)
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True,
-                            env={**os.environ, "COLUMNS": "400"}, timeout=300)
+                            env={**os.environ, "COLUMNS": "400"}, timeout=HANG)
     assert result.returncode == 0, result.stderr
     for stream in (result.stdout, result.stderr):
         assert not {0x1b, 0x07} & set(stream), stream  # no ESC, no BEL
