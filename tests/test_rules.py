@@ -266,3 +266,21 @@ def test_fp16_on_a_cpu_is_refused_instead_of_running_fp32(runner, project):
     line = error_line(runner.invoke(app, ["train", *TINY, "--mixed-precision", "fp16"]))
     assert "--mixed-precision fp16 needs a CUDA GPU" in line
     assert not (project / "output").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["torchrun", "accelerate"])
+def test_a_params_error_under_a_launcher_is_one_line_from_rank_0(tmp_path, kind):
+    """`torchrun ... mixer train --depth 0` printed the error once per rank."""
+    import os
+    import subprocess
+
+    from conftest import HANG
+    from test_multiprocess import launcher
+
+    write_params(tmp_path / "params.yaml")
+    run = subprocess.run(launcher(kind) + ["train", "--depth", "0"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=HANG, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ours = [line for line in (run.stdout + run.stderr).splitlines() if "depth must be at least 1" in line]
+    assert ours == ["error: params.yaml: depth must be at least 1, got 0"], run.stderr[-3000:]
+    assert run.returncode != 0  # the launcher's own verdict on ranks that exited 2 (docs/training.md)
