@@ -54,11 +54,14 @@ def predict_files(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_size
 def predict_batches(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_size: int = 64,
                     workers: int = 1) -> Iterator[pd.DataFrame]:
     """`predict_files` as a stream of tables of about `batch_size` rows, in the order given: files
-    decode in `workers` processes while the model runs, and memory stays flat in the number of files."""
+    decode in up to `workers` processes (never more than there are files or usable CPUs: another
+    would only wait) while the model runs, and memory stays flat in the number of files."""
     if top_k < 1:
         raise MixerError(f"--top-k must be at least 1, got {top_k}")
     if workers < 1:
         raise MixerError(f"--workers must be at least 1, got {workers}")
+    cpus = usable_cpus()
+    workers = max(1, min(workers, len(paths), cpus))
     classes, columns = model.class_names, prediction_columns(model, top_k)
     k = min(top_k, len(classes))
     jobs = [(i, path, model.config.image_shape, model.preprocessing.resize) for (i, path) in enumerate(paths)]
@@ -84,7 +87,7 @@ def predict_batches(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_si
 
     threads = torch.get_num_threads()
     if workers > 1:  # leave the decoding processes their cores: idle torch threads spin and take them
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - workers)))
+        torch.set_num_threads(max(1, min(threads, cpus - workers)))
     try:
         for (index, array, _, error) in decode_many(jobs, workers, ordered=True):
             pending.append((paths[index], array, error))
@@ -94,6 +97,14 @@ def predict_batches(model: MlpMixer, paths: list[Path], top_k: int = 5, batch_si
             yield flush()
     finally:
         torch.set_num_threads(threads)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as a container or `taskset` limits it), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity on this platform (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 ONNX_FILE = "model.onnx"  # what `mixer export` writes beside a model's weights

@@ -10,29 +10,35 @@ names only the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.client
 import json
+import logging
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 from mixer.checkpoint import CONFIG, FORMAT, WEIGHTS, convert_weights, describe, load_model, save_model, sha256_file
 from mixer.errors import MixerError
 from mixer.files import atomic_write
 from mixer.model import MixerConfig, MlpMixer, at_image_shape, check_class_names
 from mixer.preprocess import Preprocessing
-from mixer.resources import check_disk, format_bytes
+from mixer.resources import check_disk, check_expansion_memory, format_bytes
 
 HUB = "hf-hub:"
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # timm's files, preferred first
 MAX_DOWNLOAD = 4 << 30  # bytes: far above any Mixer (H/14 is 1.9 GB), far below a mistaken URL
-DOWNLOAD_TIME_LIMIT = 3600.0  # seconds for a whole download
+DOWNLOAD_TIME_LIMIT = 3600.0  # seconds for a whole download (a URL's, or a hub model's files)
+T = TypeVar("T")
 
 
 def is_remote(spec: str) -> bool:
@@ -51,13 +57,15 @@ def load_pretrained(spec: str, image_shape: tuple[int, int] | None = None) -> Ml
     image_shape: the input size to load it at (None: the weights' own). The weights' own size (which
     also tells a bare weights file's non-square grid; a hub repository's `pretrained_cfg` and a model
     directory say it themselves) or a whole multiple of it per side, to which the token-mixing weights
-    are expanded (`mixer.model.at_image_shape`, the paper's fine-tuning at a higher resolution).
+    are expanded (`mixer.model.at_image_shape`, the paper's fine-tuning at a higher resolution) once
+    `mixer.resources.check_expansion_memory` finds the memory to build them.
     """
     spec = str(spec)
     model = _load(spec, image_shape)
     if image_shape is None:
         return model
     try:
+        check_expansion_memory(model.config, tuple(image_shape))  # the token-mixing weights grow as K²
         return at_image_shape(model, tuple(image_shape))
     except MixerError as exc:
         raise MixerError(f"{spec}: {exc}") from None
@@ -158,18 +166,132 @@ class _NotCached(MixerError):
     """A hub file that is neither in the local cache nor downloadable now."""
 
 
-def _hub_file(repo: str, filename: str, revision: str | None) -> Path | None:
-    """One file of a hub repository, from huggingface_hub's cache or the network; None if the repo lacks it."""
+NETWORK_ADVICE = ("check the network, HF_ENDPOINT and HTTPS_PROXY, or point HF_HOME at a hub cache that has it "
+                  "(HF_HUB_OFFLINE=1 then reads only the cache)")
+HUB_THREAD = "mixer-hub-fetch"  # the name of the threads `_before` runs hub calls in
+
+
+class _Late(Exception):
+    """A hub call still running at its fetch's deadline."""
+
+
+def _before(deadline: float, call: Callable[[], T]) -> T:
+    """`call()` run in a daemon thread and waited for until `deadline` (time.monotonic()): past it `_Late`,
+    and the thread is left to end on its own (it does not keep the process alive). huggingface_hub's
+    own timeouts bound each request, not its retries and resumes: this bounds them all."""
+    outcome: list[tuple[bool, object]] = []
+
+    def work() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed over: the waiting thread raises it
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=work, name=HUB_THREAD, daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if worker.is_alive():
+        raise _Late()
+    (returned, value) = outcome[0]
+    if not returned:
+        raise value
+    return value
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub's warnings off (each retry logs one, "Retrying in 8s"): what went wrong is our one line.
+    Left off while a call `_before` gave up on still runs, so a retry it logs later cannot print either."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        if not any(t.name == HUB_THREAD and t.is_alive() for t in threading.enumerate()):
+            logger.setLevel(level)
+
+
+def hub_proxy() -> str | None:
+    """The proxy requests to the hub go through (HTTPS_PROXY, ALL_PROXY, ... less NO_PROXY); None: direct."""
+    url = urllib.parse.urlsplit(hub_endpoint())
+    proxies = urllib.request.getproxies_environment()
+    if urllib.request.proxy_bypass_environment(url.hostname or "", proxies):
+        return None
+    return proxies.get(url.scheme) or proxies.get("all")
+
+
+@dataclasses.dataclass
+class _HubFetch:
+    """One spec's files from the hub: one deadline for all of them ($MIXER_DOWNLOAD_TIME_LIMIT, as a URL's
+    download), and why the hub cannot be used now once a first request found out ('' while it can)."""
+
+    seconds: float
+    deadline: float
+    down: str | None = None  # None: not asked yet
+
+    @classmethod
+    def start(cls) -> "_HubFetch":
+        seconds = _env_number("MIXER_DOWNLOAD_TIME_LIMIT", DOWNLOAD_TIME_LIMIT)
+        return cls(seconds, time.monotonic() + seconds)
+
+    def probe(self, repo: str, revision: str | None) -> str:
+        """Ask the hub once, without retries, for the first weights file's metadata: '' when it answers
+        (any answer but a server error: a missing repository is huggingface_hub's to word), else why not."""
+        if self.down is None:
+            self.down = self._ask(repo, revision)
+        return self.down
+
+    def _ask(self, repo: str, revision: str | None) -> str:
+        import httpx2  # huggingface_hub's HTTP client: its errors are what a request raises
+        from huggingface_hub import constants, errors, get_hf_file_metadata, hf_hub_url
+
+        endpoint, proxy = hub_endpoint(), hub_proxy()
+        timeout = max(0.1, min(float(constants.HF_HUB_ETAG_TIMEOUT), self.deadline - time.monotonic()))
+        late = f"no answer from {endpoint}" + (f" through the proxy {proxy}" if proxy else "") + \
+            f" within {timeout:.3g} s"
+        try:
+            _before(self.deadline, lambda: get_hf_file_metadata(hf_hub_url(repo, HUB_WEIGHTS[0], revision=revision),
+                                                                timeout=timeout))
+        except errors.HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            return f"{endpoint} answered HTTP {status}" if status is not None and (status >= 500 or status == 429) \
+                else ""
+        except (_Late, httpx2.TimeoutException):
+            return late
+        except httpx2.ProxyError as exc:
+            return f"the proxy {proxy} did not open a connection to {endpoint}: {_first_line(exc)}"
+        except httpx2.ConnectError as exc:
+            return f"cannot connect to the proxy {proxy}: {_first_line(exc)}" if proxy else \
+                f"cannot connect to {endpoint}: {_first_line(exc)}"
+        except httpx2.TransportError as exc:
+            return f"{endpoint}: {_first_line(exc)}"
+        return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _hub_file(repo: str, filename: str, revision: str | None, fetch: _HubFetch) -> Path | None:
+    """One file of a hub repository, from huggingface_hub's cache or the network; None if the repo lacks it.
+
+    Without a network (HF_HUB_OFFLINE, no connection, or no good answer to `fetch.probe`) the cache alone:
+    huggingface_hub would otherwise retry for minutes. A download is bounded by `fetch`'s deadline."""
     from huggingface_hub import errors, hf_hub_download, is_offline_mode
 
     where = f"{HUB}{repo}" + (f"@{revision}" if revision else "")
-    offline = " (HF_HUB_OFFLINE is set)" if is_offline_mode() else "" if hub_reachable() else \
-        f" (no connection to {hub_endpoint()})"
-    try:  # without a network, the cache alone: huggingface_hub would otherwise retry for most of a minute
-        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=bool(offline)))
+    offline = "HF_HUB_OFFLINE is set" if is_offline_mode() else "" if hub_reachable() else \
+        f"no connection to {hub_endpoint()}"
+    offline = offline or fetch.probe(repo, revision)
+    download = functools.partial(hf_hub_download, repo, filename, revision=revision, local_files_only=bool(offline))
+    try:
+        return Path(download() if offline else _before(fetch.deadline, download))
     except errors.LocalEntryNotFoundError:
-        raise _NotCached(f"{where}: not in the local hub cache and cannot be downloaded{offline}; download it "
-                         "once with a network (or point HF_HOME at the cache that has it)") from None
+        advice = ("download it once with a network (or point HF_HOME at the cache that has it)"
+                  if is_offline_mode() else NETWORK_ADVICE)
+        raise _NotCached(f"{where}: not in the local hub cache and cannot be downloaded"
+                         + (f" ({offline})" if offline else "") + f"; {advice}") from None
     except errors.EntryNotFoundError:
         return None
     except errors.RepositoryNotFoundError:
@@ -178,25 +300,33 @@ def _hub_file(repo: str, filename: str, revision: str | None) -> Path | None:
     except errors.RevisionNotFoundError:
         raise MixerError(f"{where}: the repository has no revision {revision!r}") from None
     except errors.HFValidationError as exc:
-        raise MixerError(f"{where}: {str(exc).splitlines()[0]}") from None
+        raise MixerError(f"{where}: {_first_line(exc)}") from None
+    except _Late:
+        raise MixerError(f"{where}: {filename} not downloaded from {hub_endpoint()} within {fetch.seconds:g} s; "
+                         f"check the network, or raise MIXER_DOWNLOAD_TIME_LIMIT for a slow one") from None
     except Exception as exc:  # HTTP errors, and the HTTP client's own (connection, timeout) after retries
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MixerError(f"{where}: cannot download {filename} ({text}); check the network") from None
+        raise MixerError(f"{where}: cannot download {filename} ({_first_line(exc)}); {NETWORK_ADVICE}") from None
 
 
-def _from_hub(spec: str, image_shape: tuple[int, int] | None) -> MlpMixer:
-    repo, revision = parse_hub(spec)
+def _hub_files(spec: str, repo: str, revision: str | None, fetch: _HubFetch) -> tuple[Path, Path | None]:
+    """The weights file and the config.json (None: it has none) of a hub repository, within `fetch`'s deadline."""
     weights, not_cached = None, None
     for name in HUB_WEIGHTS:  # offline, a file the cached snapshot lacks looks like one not cached
         try:
-            weights = _hub_file(repo, name, revision)
+            weights = _hub_file(repo, name, revision, fetch)
         except _NotCached as exc:
             not_cached = not_cached or exc
         if weights is not None:
             break
     if weights is None:
         raise not_cached or MixerError(f"{spec}: the repository has neither {' nor '.join(HUB_WEIGHTS)}")
-    config_path = _hub_file(repo, CONFIG, revision)  # not cached while the weights are: an error, not a guess
+    return weights, _hub_file(repo, CONFIG, revision, fetch)  # not cached while the weights are: an error
+
+
+def _from_hub(spec: str, image_shape: tuple[int, int] | None) -> MlpMixer:
+    repo, revision = parse_hub(spec)
+    with _quiet_hub():
+        weights, config_path = _hub_files(spec, repo, revision, _HubFetch.start())
     timm = _read_json(config_path, spec) if config_path is not None else {}
     pretrained = timm.get("pretrained_cfg") if isinstance(timm.get("pretrained_cfg"), dict) else {}
     size = pretrained.get("input_size")

@@ -2,7 +2,9 @@
 
 Files decode in worker processes while the model runs; predictions stream to `--out` (CSV, or JSON
 Lines) batch by batch, so memory stays flat however many images there are. A few images are shown
-as a table; many as a summary (counts, errors, the most predicted classes).
+as a table; many as a summary (counts, errors, the most predicted classes). `--format` without
+`--out` streams the rows to standard output instead, as tools with a machine-readable output format
+do (`... --format json | jq`), and nothing else is printed there.
 """
 
 from __future__ import annotations
@@ -29,13 +31,26 @@ from pipeline.outputs import PREDICTIONS, Plan, Target, writing
 from pipeline.params import load_params
 
 FORMATS = ("csv", "json")
+SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}  # what a name says it holds
 TABLE_ROWS = 20  # more images than this are summed up instead of listed
 
 
-def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None, params_file: Path,
-        workers: int = 2, format: str = "csv") -> None:
-    if format not in FORMATS:
+def output_format(out: Path | None, format: str | None) -> str | None:
+    """The format the predictions are written in: `--format`, else the one `--out`'s name says (csv for
+    another name); None without either (a table on the console). A name saying the other format is an error."""
+    if format is not None and format not in FORMATS:
         raise MixerError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    named = SUFFIXES.get(Path(out).suffix.lower()) if out is not None else None
+    if format is not None and named is not None and named != format:
+        raise MixerError(f"--out {shown(out)} names a {named.upper()} file but --format is {format}: name it "
+                         f"{shown(Path(out).with_suffix('.' + format))} or leave --format out (the name decides)")
+    return format or named or ("csv" if out is not None else None)
+
+
+def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None, params_file: Path,
+        workers: int = 2, format: str | None = None) -> None:
+    format = output_format(out, format)
+    stream = out is None and format is not None  # the rows themselves are the output: to stdout, nothing else
     if model_spec is None and not Path(params_file).exists():  # outside a project: say how to name the model
         raise MixerError(f"no --model given and no {params_file} here to take output_dir from; name the model: "
                          "--model DIR (a trained model folder), hf-hub:owner/name, an https:// URL or a weights file")
@@ -51,15 +66,20 @@ def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None,
         print(f"note: {shown(spec)} has no config.json of this project beside it: labels are class indices and "
               "the normalisation is the default (mean 0.5, std 0.5)", file=sys.stderr)
     model = (load_model(folder) if folder is not None else load_pretrained(spec)).eval()
+    classes = len(model.class_names)
+    if top_k > classes:  # asked for more labels than exist: all of them, said rather than silently
+        print(f"note: --top-k {top_k} is more than the model's {classes} classes: each image gets all {classes}",
+              file=sys.stderr)
     console = Console()
     listed: list[pd.DataFrame] = []  # the rows of a short run, for the table
     labels: collections.Counter = collections.Counter()
     errors: list[tuple[str, str]] = []
     started = time.perf_counter()
     with (writing("mixer predict", plan) if out is not None else nullcontext()) as staging:
-        sink = open(staging.file(out), "w", encoding="utf-8", newline="") if out is not None else None
+        sink = open(staging.file(out), "w", encoding="utf-8", newline="") if out is not None else \
+            sys.stdout if stream else None
         try:
-            with Progress(transient=True, disable=not sys.stdout.isatty()) as bar:
+            with Progress(transient=True, disable=stream or not sys.stdout.isatty()) as bar:
                 task = bar.add_task(f"predicting {len(images)} images", total=len(images))
                 tail = pd.DataFrame(skipped, dtype=object).reindex(columns=prediction_columns(model, top_k), fill_value="")
                 for (n, chunk) in enumerate(_chunks(predict_batches(model, images, top_k, workers=workers), tail)):
@@ -71,9 +91,12 @@ def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None,
                         listed.append(chunk)
                     bar.advance(task, len(chunk))
         finally:
-            if sink is not None:
+            if out is not None:
                 sink.close()
     seconds = time.perf_counter() - started
+    if stream:
+        sink.flush()
+        return
     if listed:
         _print_table(console, pd.concat(listed, ignore_index=True))
     else:
