@@ -107,9 +107,11 @@ def model_directory(spec: str) -> Path | None:
 
 
 def import_weights(spec: str, out_dir: Path, image_shape: tuple[int, int] | None = None) -> MlpMixer:
-    """`load_pretrained(spec)` written as a model directory, with its source in `config.json`."""
+    """`load_pretrained(spec)` written as a model directory, with its source in `config.json`; a model of this
+    project keeps its record of the data it was trained on and of which epoch it is (evaluate checks the one)."""
     model = load_pretrained(spec, image_shape)
-    save_model(model, Path(out_dir), source=model.source)
+    meta = getattr(model, "meta", None) or {}
+    save_model(model, Path(out_dir), source=model.source, trained_on=meta.get("trained_on"), kept=meta.get("kept"))
     return model
 
 

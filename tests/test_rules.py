@@ -206,6 +206,13 @@ def test_best_records_the_data_and_weights_it_was_trained_from(runner, project):
     delivered = json.loads((project / "output" / "config.json").read_text())
     best = json.loads((only_run(project / "checkpoints" / "output") / "best" / "config.json").read_text())
     assert best["trained_on"] == delivered["trained_on"] and best["trained_on"]["prepared_data"]
+    assert runner.invoke(app, ["import-weights", "output", "copy"]).exit_code == 0  # a copy is the same model
+    copy = json.loads((project / "copy" / "config.json").read_text())
+    assert (copy["trained_on"], copy["kept"]) == (delivered["trained_on"], delivered["kept"])
+    # so evaluating the copy after a re-split is refused, as the model itself is, instead of a note
+    assert runner.invoke(app, ["prepare", "--workers", "1", "--seed", "1"]).exit_code == 0
+    assert "--other-data" in error_line(runner.invoke(app, ["evaluate", "--output-dir", "copy"]))
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
     # fine-tuned from that model: both of the new run's models name the weights they started from
     assert runner.invoke(app, ["train", *TINY, "--checkpoint", "output", "--output-dir", "tuned"]).exit_code == 0
     tuned = json.loads((project / "tuned" / "config.json").read_text())
