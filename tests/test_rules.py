@@ -12,6 +12,7 @@ import re
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -291,3 +292,23 @@ def test_a_params_error_under_a_launcher_is_one_line_from_rank_0(tmp_path, kind)
     ours = [line for line in (run.stdout + run.stderr).splitlines() if "depth must be at least 1" in line]
     assert ours == ["error: params.yaml: depth must be at least 1, got 0"], run.stderr[-3000:]
     assert run.returncode != 0  # the launcher's own verdict on ranks that exited 2 (docs/training.md)
+
+
+@pytest.mark.parametrize(("mode", "pixels", "grey"), [
+    ("F", [[0.0, 0.5], [1.0, 0.25]], [[0, 128], [255, 64]]),       # [0, 1] floats: all black before
+    ("F", [[0.0, 100.0], [255.0, 300.0]], [[0, 100], [255, 255]]),  # [0, 255] floats, clipped above
+    ("F", [[float("nan"), 1.0], [0.0, 0.5]], [[0, 255], [0, 128]]),
+    ("I;16", [[0, 65535], [32768, 0]], [[0, 255], [128, 0]]),
+    ("L", [[0, 200], [17, 255]], [[0, 200], [17, 255]]),
+], ids=["float01", "float255", "float-nan", "16bit", "grey"])
+def test_every_grey_mode_decodes_to_its_brightness(tmp_path, mode, pixels, grey):
+    from PIL import Image
+
+    from mixer.decoding import decode
+
+    array = np.array(pixels, dtype={"F": np.float32, "I;16": np.uint16, "L": np.uint8}[mode])
+    Image.fromarray(array).save(tmp_path / "x.tif")  # PIL picks the mode from the dtype
+    assert Image.open(tmp_path / "x.tif").mode == mode
+    (rgb, _) = decode(tmp_path / "x.tif", (2, 2))
+    assert rgb.shape == (2, 2, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert rgb[..., 0].tolist() == grey
