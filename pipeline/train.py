@@ -265,7 +265,7 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     model = build_model(p, prepared.classes, prepared.resize, image_shape, pretrained)
     train_split, val_split = prepared.split("train"), prepared.split("val")
     config = train_config(p)
-    steps_per_epoch(len(train_split), config, launched.world)  # before touching any file
+    spe = steps_per_epoch(len(train_split), config, launched.world)  # before touching any file
     folder = run_dir(p.output_dir)
     outputs = writing("mixer train", plan(p)) if main else nullcontext()
     with outputs as staging, stop_on_signals() as stop:
@@ -275,6 +275,10 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
             writable_folder(folder)
             reporter = LiveReporter(live_dir, p, bar)
             reporter.line(memory_line(need, p, machine))
+            step_images = config.batch_size * config.grad_accum * launched.world
+            reporter.line(f"training: {config.epochs} epochs of {spe} steps × {step_images} images "
+                          f"({spe * step_images} of the {len(train_split)} training images an epoch), "
+                          f"{len(val_split)} val images scored after each")
         stop_when_dvc_dies()
         record = dict(source=None if model.source is None else {"fine_tuned_from": model.source},
                       trained_on=trained_on(p, prepared))  # on every model the run writes: best/ too

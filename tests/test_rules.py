@@ -312,3 +312,24 @@ def test_every_grey_mode_decodes_to_its_brightness(tmp_path, mode, pixels, grey)
     (rgb, _) = decode(tmp_path / "x.tif", (2, 2))
     assert rgb.shape == (2, 2, 3) and (rgb[..., 0] == rgb[..., 2]).all()
     assert rgb[..., 0].tolist() == grey
+
+
+def test_train_says_how_long_the_run_will_take_and_each_epoch_how_long_is_left(capsys):
+    """A 20-minute run announced nothing but checkpoint lines; slow runs printed '0 img/s'."""
+    from mixer.train_state import TrainState
+    from pipeline.progress import ConsoleReporter
+
+    now = [0.0]
+    reporter = ConsoleReporter(bar=False, clock=lambda: now[0])
+    state = TrainState({})
+    reporter.start(state, epochs=4, steps_per_epoch=30)
+    for step in range(1, 31):  # 3 s a step after the first
+        now[0] += 3.0 if step > 1 else 40.0  # the first step's warm-up is not the rate
+        state.step = step
+        reporter.step(state)
+    reporter.epoch({"epoch": 1, "train/loss": 1.0, "train/accuracy": 0.5, "val/loss": 1.0, "val/accuracy": 0.5,
+                    "lr": 0.1, "images_per_second": 0.4})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("estimate: about 5.0 min to go, 1.5 min an epoch (measured on steps 2-21, training only: "
+                        "validation adds to it)")
+    assert lines[1].endswith("| 0.4 img/s | 4.5 min left")
