@@ -105,8 +105,10 @@ class MixerConfig:
         if self.channel_hidden is None:
             object.__setattr__(self, "channel_hidden", self.dim * 4)
         if self.image_shape[0] % self.patch_shape[0] or self.image_shape[1] % self.patch_shape[1]:
+            near = [min((d for d in range(1, side + 1) if side % d == 0), key=lambda d: (abs(d - patch), -d))
+                    for (side, patch) in zip(self.image_shape, self.patch_shape)]
             raise MixerError(f"image_shape {list(self.image_shape)} is not divisible by "
-                             f"patch_shape {list(self.patch_shape)}")
+                             f"patch_shape {list(self.patch_shape)}; patch_shape {near} divides it")
         for name in ("num_classes", "in_chans"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:

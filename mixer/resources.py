@@ -194,16 +194,21 @@ def expansion_memory(c: MixerConfig, image_shape: tuple[int, int]) -> int:
     """Bytes the live tensors reach while `mixer.model.at_image_shape` expands `c`'s weights to `image_shape`
     (fp32; 0 at their own size, which needs no copy).
 
-    At the peak, expanding the last block's token-mixing fc2: the original model, the wider one it
-    builds (`config_at`), the expanded token-mixing tensors of every block (held until they are loaded
-    into it), and the block-diagonal temporary each expanded weight is copied from (one weight's size).
+    Beside the original model and the wider one it builds (`config_at`), the larger of two moments:
+    initialising the wider model, where `nn.init.trunc_normal_` resamples a token-mixing weight W
+    through about 3¼ temporaries of W's size (two candidates, the result, a boolean mask; traced op
+    by op in tests/test_predict_rules.py), and expanding the last block's fc2, when the expanded
+    token-mixing tensors of every block are held until they are loaded and the block-diagonal
+    temporary it is copied from is one more W; and the patch grouping's index.
     """
     if grid_multiple(c, image_shape) == (1, 1):
         return 0
     wide = config_at(c, image_shape)
     p, s = wide.num_patches, wide.token_hidden
-    token_mixing = c.depth * (2 * p * s + s + p)  # fc1 and fc2 weights and biases
-    return (parameter_count(c) + parameter_count(wide) + token_mixing + p * s) * 4
+    token_mixing = c.depth * (2 * p * s + s + p)  # fc1 and fc2, weights and biases
+    temporaries = max(13 * p * s // 4, token_mixing + p * s)
+    index = 2 * p  # `patch_groups`: one int64 per patch
+    return (parameter_count(c) + parameter_count(wide) + temporaries + index) * 4
 
 
 def check_expansion_memory(c: MixerConfig, image_shape: tuple[int, int], device: str = "cpu") -> int:

@@ -171,9 +171,11 @@ def run_folder(root: Path, fingerprint: dict) -> Path:
 
 
 def other_runs(root: Path, folder: Path) -> list[Path]:
-    """The other runs' folders kept under `root`."""
+    """The folders under `root` of other runs with a checkpoint to continue (one stopped before its first
+    checkpoint has nothing to keep)."""
     try:
-        return sorted(p for p in Path(root).iterdir() if KEY.fullmatch(p.name) and p.is_dir() and p != Path(folder))
+        return sorted(p for p in Path(root).iterdir() if KEY.fullmatch(p.name) and p != Path(folder)
+                      and (p / LAST).is_file())
     except OSError:
         return []
 
@@ -192,6 +194,7 @@ def adopt_legacy(root: Path, resume: bool | None, note: Callable[[str], None]) -
     folder, so it continues when its params come back, as any run does. The main process calls it
     before any process reads its state. One of another version of mixer stays where it is (--resume: an error)."""
     root = Path(root)
+    remove_temporaries(root)  # what a write killed in that layout left
     try:
         payload = read(root)
     except OtherVersion:
@@ -202,6 +205,9 @@ def adopt_legacy(root: Path, resume: bool | None, note: Callable[[str], None]) -
     if payload is None or not isinstance(payload.get("fingerprint"), dict):
         return
     folder = run_folder(root, payload["fingerprint"])
+    if (folder / LAST).exists():  # both layouts hold this run: the run folder's is the later one
+        note(f"{root / LAST} is an older checkpoint of the run in {folder}: left as it is (delete it to free its space)")
+        return
     folder.mkdir(exist_ok=True)
     for name in (BEST, LAST):  # best/ first: a kill between the two leaves last.pt where it is read again
         if os.path.lexists(root / name) and not os.path.lexists(folder / name):
@@ -250,7 +256,14 @@ def start_or_continue(root: Path, fingerprint: dict, resume: bool | None, epochs
 
 
 def read_fingerprint(folder: Path) -> dict:
-    """The fingerprint a run folder's checkpoint records ({} when it has none or cannot be read)."""
+    """The fingerprint a run folder records: its fingerprint.json (a few hundred bytes, not the checkpoint's
+    weights), else its checkpoint's; {} when neither can be read."""
+    try:
+        recorded = json.loads((Path(folder) / RUN_RECORD).read_text(encoding="utf-8"))
+        if isinstance(recorded, dict):
+            return recorded
+    except (OSError, ValueError):
+        pass
     try:
         payload = read(folder)
     except MixerError:

@@ -49,8 +49,6 @@ def check_data(p, under_dvc: bool) -> None:
 
 def run(params_file: Path, overrides: dict) -> None:
     p = load_params(params_file, overrides)
-    for line in notes(p):
-        print(line, file=sys.stderr)
     check_data(p, under_dvc="DVC_STAGE" in os.environ)
     for stage in (prepare, train, evaluate):  # what each stage will write: before DVC deletes anything
         stage.plan(p).verify()
@@ -62,4 +60,6 @@ def run(params_file: Path, overrides: dict) -> None:
     train.check_memory(p)  # a batch that cannot fit stops here, not after DVC has deleted the model
     with writing("mixer check", Plan(targets=(Target(PARAMS_CHECKED, REPORT),))) as staging:
         staging.file(PARAMS_CHECKED).write_text(CHECKED)
+    for line in notes(p):  # after every check: a command that fails prints its one line alone
+        print(line, file=sys.stderr)
     print(f"{shown(params_file)}: every key is valid; dataset {shown(p.dataset)}; checkpoint {shown(p.checkpoint or 'none')}")

@@ -32,7 +32,7 @@ def plan(p: Params) -> Plan:
 
 
 def run(params_file: Path, overrides: dict, other_data: bool = False) -> dict:
-    p = load_params(params_file, overrides)
+    p = load_params(params_file, overrides, stage="evaluate")
     plan(p).verify()  # before any work
     model = load_model(Path(p.output_dir))
     check_inference_memory(model.config, p.eval_batch_size)

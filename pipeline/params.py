@@ -11,6 +11,7 @@ key, which the CLI prints as one line with exit code 2 before any work is done.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import re
 import subprocess
@@ -66,6 +67,12 @@ RENAMED = {"data": "dataset"}  # old key → new: still read, with a note
 STAGES = ("prepare", "train", "evaluate")
 
 
+# The stage a `load_params` call reads for: a one-run override of a key two stages share
+# (`mixer prepare --image_shape 16 16`) is checked against what that stage reads, not against the keys of
+# another stage it cannot override (patch_shape, which train reads); None: every check (check, the API).
+_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage", default=None)
+
+
 def _post_init(self) -> None:
     for key in KEYS.values():
         object.__setattr__(self, key.name, hparams.validate(key, getattr(self, key.name)))
@@ -73,7 +80,8 @@ def _post_init(self) -> None:
     # each config's checks across its fields (min_lr <= lr, the split's shares, crop ranges)
     hparams.build(PrepareConfig, values)
     hparams.build(TrainConfig, values)
-    if self.variant is None and self.checkpoint is None:  # else the architecture comes from them
+    architecture = _STAGE.get() in (None, "check", "train")
+    if self.variant is None and self.checkpoint is None and architecture:  # else the architecture comes from them
         hparams.build(MixerConfig, values, num_classes=2)
     if self.freeze != "none" and self.checkpoint is None:
         raise MixerError("freeze: features trains only the head, so it needs a checkpoint to take the features from")
@@ -169,8 +177,9 @@ def read_yaml(path: Path) -> object:
         raise MixerError(f"{path}{where}: not valid YAML ({problem})") from None
 
 
-def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None) -> Params:
-    """Read and validate a params file; `overrides` (key → value) win for this run only."""
+def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None, stage: str | None = None) -> Params:
+    """Read and validate a params file; `overrides` (key → value) win for this run only. `stage`: the stage
+    this run is of, whose keys alone the cross-key checks of the architecture need to fit (see `_STAGE`)."""
     path = Path(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
@@ -188,10 +197,13 @@ def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None) -> Para
     if missing:
         raise MixerError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
     raw.update(overrides or {})
+    token = _STAGE.set(stage)
     try:
         return Params(**raw)
     except MixerError as exc:
         raise MixerError(f"{path}: {exc}") from None
+    finally:
+        _STAGE.reset(token)
 
 
 # ---- what is derived from the declarations and kept in files: `python -m pipeline.params --sync` ----

@@ -25,7 +25,7 @@ def plan(p: Params) -> Plan:
 
 
 def run(params_file: Path, overrides: dict, workers: int) -> dict:
-    p = load_params(params_file, overrides)
+    p = load_params(params_file, overrides, stage="prepare")
     plan(p).verify()  # before any work
     if workers < 1:
         raise MixerError(f"--workers must be at least 1, got {workers}")

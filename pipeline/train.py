@@ -253,8 +253,6 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
     main = launched.main
     if main:  # before any work: the outputs are ones this command may replace
         plan(p).verify()
-        for line in notes(p):
-            print(line, file=sys.stderr)
     prepared = open_prepared(PREPARED)
     pretrained = load_pretrained(p.checkpoint) if p.checkpoint is not None else None  # loaded once
     image_shape = input_shape(p, pretrained.config if pretrained is not None else None)
@@ -275,6 +273,8 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
             writable_folder(folder)
             reporter = LiveReporter(live_dir, p, bar)
             reporter.line(memory_line(need, p, machine))
+            for line in notes(p):  # once nothing stands in the way: a failing command prints its error alone
+                reporter.line(line)
             step_images = config.batch_size * config.grad_accum * launched.world
             reporter.line(f"training: {config.epochs} epochs of {spe} steps × {step_images} images "
                           f"({spe * step_images} of the {len(train_split)} training images an epoch), "

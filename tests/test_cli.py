@@ -73,14 +73,17 @@ def test_typer_spellings_work_too(runner, project):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["train", "--depth", "0"], "error: params.yaml: depth must be at least 1, got 0"),
-    (["train", "--image-shape", "9", "9"], "error: params.yaml: image_shape [9, 9] is not divisible by patch_shape [2, 2]"),
+    (["train", "--image-shape", "9", "9"], "error: params.yaml: image_shape [9, 9] is not divisible by patch_shape [2, 2]; "
+     "patch_shape [3, 3] divides it"),
     (["train", "--scheduler", "step"], "error: params.yaml: scheduler must be 'cosine' or 'linear', got 'step'"),
     (["train", "--params", "missing.yaml"], "error: params file missing.yaml does not exist"),
     (["train", "--mixed-precision", "fp8"], "error: --mixed-precision must be no, bf16 or fp16, got 'fp8'"),
     (["prepare", "--data", "nowhere"], "error: data folder nowhere does not exist"),
     (["evaluate", "--output-dir", "nothing"], "error: model directory nothing does not exist"),
     (["train", "--seed", "-1"], "error: params.yaml: seed must be in 0 .. 2**32 - 1, got -1"),
-    (["train", "--seed", str(10**23)], "error: params.yaml: seed must be in 0 .. 2**32 - 1, got " + str(10**23)),
+    (["train", "--seed", str(10**18)], "error: params.yaml: seed must be in 0 .. 2**32 - 1, got " + str(10**18)),
+    (["train", "--seed", str(10**23)], "error: params.yaml: seed must be an integer of at most 19 digits, got one of "
+                                       "24 digits"),
     (["train", "--checkpoint-every", "soon"], "error: --checkpoint-every must be a number of steps (500) or a time "
                                               "(90s, 10m, 2h), got 'soon'"),
     (["train", "--params", "."], "error: . is a folder; give a params file"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -40,6 +41,12 @@ def set_params(repo: Path, **changes) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params.update(changes)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def only_run(root: Path) -> Path:
+    """The one run folder (12 hex characters, mixer.train_state.run_key) under checkpoints/<output_dir>."""
+    (folder,) = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{12}", p.name)]
+    return folder
 
 
 def commit_tracked(dest: Path, **params) -> Path:
@@ -84,11 +91,16 @@ def test_dvc_repro_then_a_depth_change_reruns_train_and_evaluate_only(repo):
     ok(["git", "add", "-A"], repo)
     ok(["git", "commit", "-qm", "depth 1"], repo)
     assert "didn't change" in ok(["dvc", "repro"], repo)  # nothing to do
+    first = only_run(repo / "checkpoints" / "output")
+    kept = snapshot(first)
 
     set_params(repo, depth=2)
     out = ok(["dvc", "repro"], repo)
     assert "Running stage 'check'" in out and "Stage 'prepare' didn't change, skipping" in out
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
+    (second,) = [p for p in (repo / "checkpoints" / "output").iterdir() if p.is_dir() and p != first]
+    assert f"starting a new run in checkpoints/output/{second.name}; 1 other run(s) stay in checkpoints/output (" in out
+    assert snapshot(first) == kept  # the depth-1 run's state stays, to continue when its params come back
     ok(["git", "add", "-A"], repo)
     ok(["git", "commit", "-qm", "depth 2"], repo)
     changed = json.loads(ok(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--json"], repo))
@@ -269,6 +281,9 @@ def test_dvc_repro_killed_at_any_moment_continues_to_the_same_weights(template, 
     kill_group(run2)  # after that checkpoint, before any other
     assert not any("continuing" in s for s in seen)  # the first kill left nothing to continue from
     step, epoch = int(line.split("step ")[1].split(" ")[0]), int(line.split("(epoch ")[1].split(")")[0])
+    folder = only_run(repo / "checkpoints" / "output")  # the run's own folder: checkpoints/output/<run>/
+    assert (folder / "last.pt").is_file() and not (repo / "checkpoints" / "output" / "last.pt").exists()
+    last = f"checkpoints/output/{folder.name}/last.pt"
 
     del env["MIXER_TEST_CLOCK_TICK"], env["MIXER_TEST_HOLD_AT_STEP"]
     env.update(MIXER_TEST_PAUSE_IN_WRITE=str(tmp_path / "writing"))
@@ -279,13 +294,14 @@ def test_dvc_repro_killed_at_any_moment_continues_to_the_same_weights(template, 
         time.sleep(0.02)
     kill_group(run3)  # inside a checkpoint write: its temporary file is there, last.pt is the previous one
     assert Path((tmp_path / "writing").read_text()).exists()
-    assert f"continuing from checkpoints/output/last.pt: epoch {epoch}, step {step}" in run3.stdout.read()
+    assert Path((tmp_path / "writing").read_text()).parent == folder
+    assert f"continuing from {last}: epoch {epoch}, step {step}" in run3.stdout.read()
 
     del env["MIXER_TEST_PAUSE_IN_WRITE"]
     env.update(MIXER_CHECKPOINT_EVERY="3", MIXER_TEST_HOLD_AT_STEP=f"{step + 4}:{held(tmp_path / 'hold')}")
     seen = []
     run4 = start_repro(repo, env)  # from `step`: a checkpoint 3 steps on, then it waits after the 4th
-    read_until(run4, f"continuing from checkpoints/output/last.pt: epoch {epoch}, step {step}", seen)
+    read_until(run4, f"continuing from {last}: epoch {epoch}, step {step}", seen)
     read_until(run4, f"checkpoint: step {step + 3} ", seen)
     wait_held(run4, tmp_path / "hold")
     trainer = psutil.Process(int((tmp_path / "hold" / "held-0").read_text()))
@@ -296,7 +312,8 @@ def test_dvc_repro_killed_at_any_moment_continues_to_the_same_weights(template, 
     run4.wait(timeout=120)
 
     log = ok(["dvc", "repro"], repo)
-    continued = next(line for line in log.splitlines() if "continuing from checkpoints/output/last.pt" in line)
+    continued = next(line for line in log.splitlines() if f"continuing from {last}" in line)
+    assert only_run(repo / "checkpoints" / "output") == folder  # the same params throughout: one run's folder
     assert int(continued.split("step ")[1]) == step + 4  # it went on from where the SIGTERM stopped it
     same = load_file(str(straight / "output" / "model.safetensors"))
     resumed = load_file(str(repo / "output" / "model.safetensors"))
@@ -330,7 +347,8 @@ def test_killing_dvc_alone_stops_its_training_instead_of_orphaning_it(repo, shel
     assert gone and not alive, "mixer train kept running without its dvc repro"
     assert "stopped by SIGTERM: stopped at epoch 1, step 6;" in dvc.stdout.read()
     log = ok(["dvc", "repro"], repo)
-    assert "continuing from checkpoints/output/last.pt: epoch 1, step 6" in log
+    folder = only_run(repo / "checkpoints" / "output")
+    assert f"continuing from checkpoints/output/{folder.name}/last.pt: epoch 1, step 6" in log
 
 
 # ---- sharing the DVC way: a remote, a fresh clone, the model artifact, a queued grid -------------

@@ -1,8 +1,12 @@
 """The training loop: what it runs, that a run continues exactly from any checkpoint, and that it refuses
-to continue another run's."""
+to continue another run's (each run checkpoints into a folder of its own, named by its fingerprint, under
+the folder it is given: run_dir/<key>/last.pt, best/, fingerprint.json)."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import threading
 
 import numpy as np
@@ -19,6 +23,7 @@ from mixer.errors import MixerError
 from mixer.model import create_model
 from mixer.optim import build_optimizer, make_ema, param_groups
 from mixer.preprocess import Preprocessing
+from mixer.resources import format_bytes
 from mixer.train_state import CheckpointTimer, Every
 
 PREP = Preprocessing()
@@ -83,6 +88,22 @@ def run(folder, cfg=None, resume=None, reporter=None, every=None, stop=None, fin
     return result
 
 
+def run_folders(root):
+    """The run folders (12 hex characters, train_state.run_key) under a root, sorted."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and train_state.KEY.fullmatch(p.name))
+
+
+def only_run(root):
+    """The folder of the one run whose checkpoints `root` holds."""
+    (folder,) = run_folders(root)
+    return folder
+
+
+def on_disk(folder):
+    """Bytes under `folder`, counted here (not by the library), for the notes that state them."""
+    return sum(os.lstat(os.path.join(parent, f)).st_size for (parent, _, files) in os.walk(folder) for f in files)
+
+
 def weights(result):
     return {k: v.clone() for (k, v) in result.model.state_dict().items()}
 
@@ -97,7 +118,11 @@ def test_same_seed_same_weights_and_the_model_learns(tmp_path):
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
     assert max_difference(weights(a), weights(b)) == 0
     assert a.metrics["train/accuracy"] > 0.9 and a.metrics["val/accuracy"] > 0.9
-    assert (tmp_path / "a" / "last.pt").is_file() and (tmp_path / "a" / "best" / "model.safetensors").is_file()
+    folder = only_run(tmp_path / "a")
+    assert a.folder == folder and sorted(p.name for p in (tmp_path / "a").iterdir()) == [folder.name]
+    assert (folder / "last.pt").is_file() and (folder / "best" / "model.safetensors").is_file()
+    saved = train_state.read(folder)["fingerprint"]
+    assert folder.name == train_state.run_key(saved) and json.loads((folder / "fingerprint.json").read_text()) == saved
     other = run(tmp_path / "c", config(seed=6))  # the control: the seed matters
     assert max_difference(weights(a), weights(other)) > 1e-3
 
@@ -137,9 +162,10 @@ def test_the_checkpoint_is_what_a_resume_continues_from(tmp_path):
     straight = run(tmp_path / "straight", cfg)
     with pytest.raises(Crash):
         run(tmp_path / "part", cfg, reporter=Record(crash_at=8), every=Every(steps=4))
-    payload = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    last = only_run(tmp_path / "part") / "last.pt"
+    payload = torch.load(last, weights_only=True)
     payload["model"]["head.bias"] += 0.5
-    torch.save(payload, tmp_path / "part" / "last.pt")
+    torch.save(payload, last)
     resumed = run(tmp_path / "part", cfg)
     assert max_difference(weights(straight), weights(resumed)) > 1e-3
 
@@ -158,19 +184,38 @@ def test_stop_request_checkpoints_at_that_step_and_the_run_continues(tmp_path):
     assert max_difference(weights(straight), weights(resumed)) <= 1e-6
 
 
-def test_another_runs_checkpoint_is_never_loaded_silently(tmp_path):
-    run(tmp_path / "run", config(lr=3e-3), fingerprint={"lr": 3e-3})
-    with pytest.raises(MixerError, match="cannot resume: .* is of another run \\(lr 0.003 → 0.001\\)"):
-        run(tmp_path / "run", config(lr=1e-3), resume=True, fingerprint={"lr": 1e-3})
+def test_another_runs_checkpoint_is_never_loaded_silently_and_stays(tmp_path):
+    """A run with other params gets a folder of its own: the other run's state stays, and continues when its
+    params come back."""
+    root = tmp_path / "run"
+    run(root, config(lr=3e-3), fingerprint={"lr": 3e-3})
+    old = only_run(root)
+    kept = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    with pytest.raises(MixerError) as caught:
+        run(root, config(lr=1e-3), resume=True, fingerprint={"lr": 1e-3})
+    assert str(caught.value) == (f"cannot resume: {root} holds no checkpoint of this run, only of 1 other run(s) "
+                                 "(the closest: lr 0.003 → 0.001); train without --resume to start this one")
+    size = on_disk(old)
     fresh = Record()
-    run(tmp_path / "run", config(lr=1e-3), reporter=fresh, fingerprint={"lr": 1e-3})
-    assert fresh.steps[0] == 1 and "starting a new run" in fresh.notes[0] and "lr 0.003 → 0.001" in fresh.notes[0]
+    result = run(root, config(lr=1e-3), reporter=fresh, fingerprint={"lr": 1e-3})
+    (new,) = (f for f in run_folders(root) if f != old)
+    assert result.folder == new and run_folders(root) == sorted([old, new])
+    assert fresh.steps[0] == 1 and fresh.notes == [
+        f"starting a new run in {new}; 1 other run(s) stay in {root} ({format_bytes(size)}) and continue when "
+        f"their params come back; `rm -r {root}/<run>` frees one"]
+    assert {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()} == kept  # untouched
+    assert train_state.read(new)["fingerprint"]["lr"] == 1e-3 and train_state.read(old)["fingerprint"]["lr"] == 3e-3
+    back = Record()
+    run(root, config(lr=3e-3), reporter=back, fingerprint={"lr": 3e-3})  # its params again: its own state
+    assert back.steps == [] and back.notes == [f"{old / 'last.pt'} holds this run, complete: writing its model"]
 
 
 def test_resume_without_a_checkpoint_starts_over_with_a_note(tmp_path):
     record = Record()
-    run(tmp_path / "new", resume=True, reporter=record)
-    assert record.steps[0] == 1 and record.notes == [f"no checkpoint at {tmp_path / 'new' / 'last.pt'}: "
+    result = run(tmp_path / "new", resume=True, reporter=record)
+    folder = only_run(tmp_path / "new")
+    assert result.folder == folder
+    assert record.steps[0] == 1 and record.notes == [f"no checkpoint at {folder / 'last.pt'}: "
                                                      "starting from scratch"]
 
 
@@ -186,18 +231,31 @@ def test_a_finished_run_is_not_trained_again_unless_asked(tmp_path):
 
 
 def test_leftovers_of_an_interrupted_write_are_removed(tmp_path):
-    folder = tmp_path / "run"
-    folder.mkdir()
+    root = tmp_path / "run"
+    with pytest.raises(Crash):  # a run that made its folder and wrote no checkpoint yet
+        run(root, config(epochs=1), reporter=Record(crash_at=1))
+    folder = only_run(root)
+    assert not (folder / "last.pt").exists()
     (folder / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
-    run(folder, config(epochs=1))
-    assert not list(folder.glob(".*.tmp"))
+    again = Record()
+    run(root, config(epochs=1), reporter=again)
+    assert not list(folder.glob(".*.tmp")) and again.steps[0] == 1 and (folder / "last.pt").is_file()
 
 
-def test_an_unreadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "last.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(MixerError, match="is not a readable checkpoint"):
-        run(tmp_path / "run")
+@pytest.mark.parametrize("where", ["in its run's folder", "of the layout before run folders"])
+def test_an_unreadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, where):
+    root = tmp_path / "run"
+    if where == "in its run's folder":
+        with pytest.raises(Crash):
+            run(root, reporter=Record(crash_at=1))
+        last = only_run(root) / "last.pt"
+    else:
+        root.mkdir()
+        last = root / "last.pt"
+    last.write_bytes(b"not a checkpoint")
+    with pytest.raises(MixerError, match=f"^{re.escape(str(last))} is not a readable checkpoint"):
+        run(root)
+    assert last.read_bytes() == b"not a checkpoint"
 
 
 def test_divergence_stops_the_run(tmp_path):
@@ -328,8 +386,11 @@ def test_time_based_checkpoints_happen_inside_epochs(tmp_path, monkeypatch):
 def test_checkpoint_file_holds_the_fingerprint_and_position(tmp_path):
     with pytest.raises(Crash):
         run(tmp_path / "run", reporter=Record(crash_at=10), every=Every(steps=3), fingerprint={"depth": 2})
-    payload = train_state.read(tmp_path / "run")
+    folder = only_run(tmp_path / "run")
+    payload = train_state.read(folder)
     assert payload["fingerprint"] == {"depth": 2, "global_batch": 8}
+    assert folder.name == train_state.run_key(payload["fingerprint"])
+    assert json.loads((folder / "fingerprint.json").read_text()) == {"depth": 2, "global_batch": 8}
     assert payload["position"] == {"epoch": 1, "step_in_epoch": 3, "step": 9}
     assert [m["epoch"] for m in payload["history"]] == [1]
 
@@ -377,7 +438,7 @@ def test_a_probe_with_ema_delivers_the_whole_model_with_the_averaged_head(tmp_pa
     every_step, _ = probe_run(tmp_path / "control", cache=False, cfg=config(freeze="features", ema_decay=0.9))
     assert set(weights(result)) == set(before)
     assert max_difference(weights(result), weights(every_step)) < 1e-5
-    best, control = (load_model(tmp_path / name / "best").state_dict() for name in ("run", "control"))
+    best, control = (load_model(only_run(tmp_path / name) / "best").state_dict() for name in ("run", "control"))
     assert set(best) == set(before) and max_difference(best, control) < 1e-5  # the averaged head, as the control's
 
 
@@ -407,22 +468,34 @@ def test_a_compiled_run_saves_and_continues_under_the_models_own_names(tmp_path)
     with pytest.raises(Crash):
         train(tiny_model(), tiny_split(), tiny_split(12, seed=1), cfg, PREP, tmp_path, {"run": "c"},
               Machine(compile=True), None, Record(crash_at=8))
-    assert set(train_state.read(tmp_path)["model"]) == {"head.weight", "head.bias"}
+    folder = only_run(tmp_path)
+    assert set(train_state.read(folder)["model"]) == {"head.weight", "head.bias"}
     again = Record()
     result = train(tiny_model(), tiny_split(), tiny_split(12, seed=1), cfg, PREP, tmp_path, {"run": "c"},
                    Machine(compile=True), None, again)
     assert again.steps == list(range(7, 13)) and set(result.model.state_dict()) == set(tiny_model().state_dict())
-    assert set(load_model(tmp_path / "best").state_dict()) == set(tiny_model().state_dict())
+    assert result.folder == folder and run_folders(tmp_path) == [folder]
+    assert set(load_model(folder / "best").state_dict()) == set(tiny_model().state_dict())
 
 
 def test_a_cached_probes_checkpoint_is_never_loaded_into_the_whole_model(tmp_path):
-    """It holds only the head: a run that trains through the frozen layers starts anew, with a note."""
+    """It holds only the head: a run that trains through the frozen layers is another run, in a folder of its
+    own, starting anew with a note; the probe's state stays."""
+    root = tmp_path / "run"
     with pytest.raises(Crash):
-        probe_run(tmp_path / "run", reporter=Record(crash_at=8))
+        probe_run(root, reporter=Record(crash_at=8))
+    probe = only_run(root)
+    kept = (probe / "last.pt").read_bytes()
+    size = on_disk(probe)
     record = Record()
-    probe_run(tmp_path / "run", cache=False, reporter=record)
-    assert any(n.startswith("starting a new run") and "trains head → (none)" in n for n in record.notes), record.notes
-    assert record.steps[0] == 1
+    (result, _) = probe_run(root, cache=False, reporter=record)
+    (whole,) = (f for f in run_folders(root) if f != probe)
+    assert result.folder == whole
+    assert (f"starting a new run in {whole}; 1 other run(s) stay in {root} ({format_bytes(size)}) and continue when "
+            f"their params come back; `rm -r {root}/<run>` frees one") in record.notes, record.notes
+    assert "trains head → (none)" in train_state.differences(train_state.read(probe)["fingerprint"],
+                                                             train_state.read(whole)["fingerprint"])
+    assert record.steps[0] == 1 and (probe / "last.pt").read_bytes() == kept
 
 
 def test_the_next_batch_is_gathered_while_the_loop_works_on_this_one():
@@ -454,8 +527,9 @@ def test_keep_delivers_the_best_val_epoch_or_the_last_and_says_which(tmp_path, k
     accuracies = [m["val/accuracy"] for m in result.state.history]
     epoch = accuracies.index(max(accuracies)) + 1 if keep == "best" else 4
     assert result.kept == {"keep": keep, "epoch": epoch, "of": 4, "val_accuracy": accuracies[epoch - 1]}
-    best = load_model(tmp_path / "run" / train_state.BEST).state_dict()
-    last = torch.load(tmp_path / "run" / train_state.LAST, weights_only=True)["model"]
+    assert result.folder == only_run(tmp_path / "run")
+    best = load_model(result.folder / train_state.BEST).state_dict()
+    last = torch.load(result.folder / train_state.LAST, weights_only=True)["model"]
     delivered = result.model.state_dict()
     same_as = {name: all(torch.equal(delivered[k], ref[k]) for k in delivered) for (name, ref) in
                (("best", best), ("last", last))}
@@ -520,10 +594,11 @@ def test_the_loop_reports_what_it_did_and_stops_where_asked(tmp_path, monkeypatc
     each checkpoint's file, and each epoch's metrics (speed by the loop's clock, counting only images this
     process trained)."""
     ticking(monkeypatch)
-    folder, stop = tmp_path / "run", threading.Event()
+    root, stop = tmp_path / "run", threading.Event()
     first = Told(stop_at=12, stop=stop)
     with pytest.raises(Interrupted) as caught:
-        contract_run(folder, first, stop)
+        contract_run(root, first, stop)
+    folder = only_run(root)  # the run's own folder: last.pt and best/ are there
     assert (caught.value.state.epoch, caught.value.state.step, caught.value.path) == (1, 12, folder / train_state.LAST)
     assert first.started == (0, 2, 12)
     assert [s for (s, _) in first.progressed] == list(range(1, 12))  # every log_every=1 step but the epoch's last
@@ -546,13 +621,13 @@ def test_the_loop_reports_what_it_did_and_stops_where_asked(tmp_path, monkeypatc
     second = Told(stop_at=15, stop=stop)
     stop.clear()
     with pytest.raises(Interrupted) as caught:
-        contract_run(folder, second, stop)
+        contract_run(root, second, stop)
     assert (caught.value.state.epoch, caught.value.state.step, caught.value.path) == (1, 15, folder / train_state.LAST)
 
     third = Told(stop_at=24, stop=stop)
     stop.clear()
-    result = contract_run(folder, third, stop)  # asked at the last step: there is nothing left to stop
-    assert third.steps == list(range(16, 25)) and result.is_main_process is True
+    result = contract_run(root, third, stop)  # asked at the last step: there is nothing left to stop
+    assert third.steps == list(range(16, 25)) and result.is_main_process is True and result.folder == folder
     (metrics,) = third.metrics
     assert metrics["images_per_second"] == pytest.approx(9 / 0.25)  # the 3 images trained before the stop excluded
     assert metrics["lr"] == pytest.approx(5e-7)  # the floor, at the end of the decay
@@ -610,21 +685,30 @@ def test_the_accelerator_is_data_parallel_on_a_cpu_and_agrees_with_the_launcher(
     made = []
 
     class Seen:
-        num_processes = 1
+        num_processes, process_index = 1, 0
 
         def __init__(self, **kw):
             made.append(kw)
 
     monkeypatch.setattr(accelerate, "Accelerator", Seen)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     engine.make_accelerator(3, Machine(mixed_precision="bf16"))
     assert made == [{"cpu": not torch.cuda.is_available(), "mixed_precision": "bf16",
                      "gradient_accumulation_steps": 3}]
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for (name, value) in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                          ("MASTER_PORT", "29500")):  # a launcher's second process
+        monkeypatch.setenv(name, value)
     with pytest.raises(MixerError) as error:
         engine.make_accelerator(1, Machine())
-    assert str(error.value) == ("launched 2 processes but accelerate sees 1: the ranks would train independently; "
-                                "launch with torchrun or `accelerate launch --multi_gpu`")
+    assert str(error.value) == ("launched as process 1 of 2 but accelerate sees process 0 of 1: the ranks would "
+                                "train independently; launch with torchrun or `accelerate launch --multi_gpu`")
+    Seen.num_processes = 2  # the same world, another rank: still not the launcher's process
+    with pytest.raises(MixerError) as error:
+        engine.make_accelerator(1, Machine())
+    assert str(error.value).startswith("launched as process 1 of 2 but accelerate sees process 0 of 2: ")
+    Seen.process_index = 1  # the control: what the launcher said
+    assert isinstance(engine.make_accelerator(1, Machine()), Seen)
 
 
 def test_no_batches_gathers_nothing():
@@ -672,7 +756,7 @@ def test_smoothing_and_the_ema_reach_the_weights(tmp_path, key, value):
     changed = run(tmp_path / key, config(epochs=1, **{key: value}))
     assert max_difference(weights(plain), weights(changed)) > 1e-4
     if key == "ema_decay":  # the delivered weights are the average; the checkpoint holds the raw ones beside it
-        payload = train_state.read(tmp_path / key)
+        payload = train_state.read(only_run(tmp_path / key))
         assert payload["ema"] is not None
         assert max(float((payload["model"][k] - v).abs().max()) for (k, v) in weights(changed).items()) > 1e-4
 

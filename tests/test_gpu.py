@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from mixer.engine import Interrupted, Machine, train
 from mixer.model import create_model
-from test_engine import PREP, Record, config, max_difference, tiny_model, tiny_split, weights
+from test_engine import PREP, Record, config, max_difference, only_run, tiny_model, tiny_split, weights
 from test_grad_checkpointing import batch, fused_and_default_difference, gradients, noisy_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -101,14 +101,17 @@ def gpu_run(folder, reporter=None, stop=None, resume=None):
 def test_a_run_stopped_after_an_epoch_on_the_gpu_continues_exactly(tmp_path):
     straight, again = gpu_run(tmp_path / "a"), gpu_run(tmp_path / "b")
     assert max_difference(weights(straight), weights(again)) == 0, "two straight GPU runs differ: not deterministic"
-    payload = torch.load(tmp_path / "a" / "last.pt", map_location="cpu", weights_only=True)
+    assert straight.folder == only_run(tmp_path / "a")  # the run's own folder: tmp_path/a/<run>/
+    payload = torch.load(straight.folder / "last.pt", map_location="cpu", weights_only=True)
     assert all(g["fused"] is True for g in payload["optimizer"]["param_groups"])  # the engine chose fused on CUDA
     stop = threading.Event()
-    with pytest.raises(Interrupted):  # 6 steps an epoch: asked at step 6, it stops once epoch 1 is scored
+    with pytest.raises(Interrupted) as caught:  # 6 steps an epoch: asked at step 6, it stops once epoch 1 is scored
         gpu_run(tmp_path / "part", Record(stop_at=6, stop=stop), stop)
+    assert caught.value.path == only_run(tmp_path / "part") / "last.pt"
     resumed_record = Record()
     resumed = gpu_run(tmp_path / "part", resumed_record, resume=True)
     assert resumed_record.steps[0] == 7
+    assert resumed_record.notes[0] == f"continuing from {caught.value.path}: epoch 2, step 6"
     assert max_difference(weights(straight), weights(resumed)) == 0
 
 

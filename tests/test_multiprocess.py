@@ -92,6 +92,14 @@ def wait_held(run: subprocess.Popen, hold: Path, ranks: tuple[str, ...] = ("0",)
         time.sleep(0.02)
 
 
+def only_run(root: Path) -> Path:
+    """The one run folder (12 hex characters, mixer.train_state.run_key) under checkpoints/<output_dir>."""
+    from mixer.train_state import KEY
+
+    (folder,) = [p for p in root.iterdir() if p.is_dir() and KEY.fullmatch(p.name)]
+    return folder
+
+
 def epochs_logged(project: Path) -> list[str]:
     """The steps of dvclive's learning-curve TSV: each epoch must appear once, in order."""
     rows = (project / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
@@ -104,7 +112,7 @@ def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path)
     command continues from the last checkpoint, and the weights equal an uninterrupted run's."""
     ok([MIXER, *RUN, "--output-dir", "straight"], project)
     args = [MIXER, *RUN, "--output-dir", "crashed"]
-    checkpoints = project / "checkpoints" / "crashed"
+    root = project / "checkpoints" / "crashed"
 
     env = tool_env()
     env["PYTHONPATH"] = str(ROOT / "tests" / "hooks")
@@ -115,8 +123,10 @@ def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path)
         time.sleep(0.02)
     run.kill()
     run.wait()
+    checkpoints = only_run(root)  # the run's own folder: checkpoints/crashed/<run>/
     assert Path((tmp_path / "writing").read_text()).exists(), "killed inside the write: its temporary file is there"
-    assert not (checkpoints / "last.pt").exists()
+    assert Path((tmp_path / "writing").read_text()).parent == checkpoints
+    assert not (checkpoints / "last.pt").exists() and not (root / "last.pt").exists()
 
     seen: list[str] = []
     run = start(args, project, holding_env(15, tmp_path / "hold15"))
@@ -127,10 +137,12 @@ def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path)
     assert not any(p.name.endswith(".tmp") for p in checkpoints.iterdir())  # the next run removed the leftover
     assert not any("continuing" in line for line in seen)  # nothing to continue from: it started over
     assert torch.load(checkpoints / "last.pt", weights_only=True)["position"]["step"] == 14
+    assert only_run(root) == checkpoints  # the same params: the same folder
+    last = f"checkpoints/crashed/{checkpoints.name}/last.pt"
 
     seen = []
     run = start(args, project, holding_env(40, tmp_path / "hold40"))  # it waits after step 40, between checkpoints
-    assert "continuing from checkpoints/crashed/last.pt: epoch 1, step 14" in read_until(run, "continuing", seen)
+    assert f"continuing from {last}: epoch 1, step 14" in read_until(run, "continuing", seen)
     wait_held(run, tmp_path / "hold40")
     run.send_signal(signal.SIGTERM)
     (tmp_path / "hold40" / "release").write_text("")
@@ -142,7 +154,7 @@ def test_killed_and_stopped_runs_continue_to_the_same_weights(project, tmp_path)
     assert not (project / "crashed" / "model.safetensors").exists()  # no model from an unfinished run
 
     log = ok(args, project)
-    assert f"continuing from checkpoints/crashed/last.pt: epoch 2, step {step}" in log
+    assert f"continuing from {last}: epoch 2, step {step}" in log
     assert max_difference(weights(project / "straight"), weights(project / "crashed")) <= 1e-6
     assert epochs_logged(project) == ["0", "1", "2", "3"]
 
@@ -166,7 +178,8 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_continues(p
     positions = {line.split("stopped at ")[1].split(";")[0] for line in stops}
     assert positions == {"epoch 1, step 7"}, stops  # at the same step: the one the signal came in
     log = ok(launcher("torchrun") + train_args, project)
-    assert f"continuing from checkpoints/ddp/last.pt: {positions.pop()}" in log
+    folder = only_run(project / "checkpoints" / "ddp")
+    assert f"continuing from checkpoints/ddp/{folder.name}/last.pt: {positions.pop()}" in log
     assert max_difference(weights(project / "ddp_straight"), weights(project / "ddp")) <= 1e-5
 
 
@@ -210,7 +223,7 @@ try:
     sums.read(accelerator, TrainConfig(), 1)
 except MixerError as error:
     told.append(f"error {error}")
-run = _Run(accelerator, *[None] * 8)
+run = _Run(accelerator, *[None] * 9)
 stop = threading.Event()
 if rank == 1:
     stop.set()

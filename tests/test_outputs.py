@@ -444,9 +444,17 @@ def test_an_owner_record_that_is_a_link_is_replaced_not_followed(tmp_path, monke
     assert victim.read_text() == "precious" and not (folder / f"{key}.owner").is_symlink()
 
 
+def only_run(root: Path) -> Path:
+    """The one run folder (12 hex characters, mixer.train_state.run_key) under checkpoints/<output_dir>."""
+    from mixer.train_state import KEY
+
+    (folder,) = [p for p in root.iterdir() if p.is_dir() and KEY.fullmatch(p.name)]
+    return folder
+
+
 def test_a_checkpoint_inside_the_runs_own_folder_is_refused(project):
-    """The run overwrites checkpoints/<output_dir>: after a kill it would start from other weights."""
-    best = project / "checkpoints" / "output" / "best"
+    """The run writes checkpoints/<output_dir>/<run>/ (best/ too): after a kill it would start from other weights."""
+    best = only_run(project / "checkpoints" / "output") / "best"
     assert (best / "model.safetensors").is_file()
     before = snapshot(project.parent)
     for checkpoint in (str(best), "output", str(project / "output")):

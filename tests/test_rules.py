@@ -333,3 +333,35 @@ def test_train_says_how_long_the_run_will_take_and_each_epoch_how_long_is_left(c
     assert lines[0] == ("estimate: about 5.0 min to go, 1.5 min an epoch (measured on steps 2-21, training only: "
                         "validation adds to it)")
     assert lines[1].endswith("| 0.4 img/s | 4.5 min left")
+
+
+def test_a_one_run_override_of_a_shared_key_is_checked_against_what_the_stage_reads(runner, project):
+    """`mixer prepare --image_shape 16 16` was refused because params.yaml's patch_shape does not divide 16,
+    and prepare takes no --patch_shape."""
+    prepared = runner.invoke(app, ["prepare", "--workers", "1", "--image_shape", "9", "9"])
+    assert prepared.exit_code == 0, prepared.output
+    line = error_line(runner.invoke(app, ["train", *TINY, "--image_shape", "9", "9"]))
+    assert line.endswith("image_shape [9, 9] is not divisible by patch_shape [2, 2]; patch_shape [3, 3] divides it")
+    assert runner.invoke(app, ["train", *TINY, "--image_shape", "9", "9", "--patch_shape", "3", "3",
+                               "--num-steps", "1"]).exit_code == 0
+    assert "patch_shape" in error_line(runner.invoke(app, ["check", "--image_shape", "9", "9"]))
+
+
+@pytest.mark.parametrize(("entries", "ours"), [
+    ({"0123456789ab/": None, "fedcba987654/": None}, True),           # run folders
+    ({"last.pt": b"", "best/": None, "0123456789ab/": None}, True),     # the layout before run folders, beside them
+    ({".last.pt.x1.tmp": b""}, True),                                  # a killed write's leftover
+    ({"0123456789ab": b"a file"}, False),                               # a run folder's name, but a file
+    ({"0123456789ab/": None, "notes.txt": b"mine"}, False),              # the user's file
+    ({"0123456789AB/": None}, False),                                   # not a key: keys are lower-case hex
+    ({"0123456789abc/": None}, False),                                  # 13 characters
+])
+def test_the_run_checkpoint_folder_is_ours_only_with_our_entries(tmp_path, entries, ours):
+    from pipeline.outputs import RUN
+
+    for (name, content) in entries.items():
+        if name.endswith("/"):
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(content)
+    assert (RUN.owns(tmp_path) is None) == ours

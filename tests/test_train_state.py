@@ -187,3 +187,27 @@ def test_a_checkpoint_of_another_version_starts_a_new_run_unless_resume_is_asked
     with pytest.raises(MixerError, match="is not a checkpoint of this version of mixer"):
         train_state.start_or_continue(tmp_path, {"run": 1}, True, 3, True, *objects(1), None, notes.append)
     assert (tmp_path / "last.pt").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_no_other_run(tmp_path):
+    notes: list[str] = []
+    start_or_continue(tmp_path, {"lr": 0.1}, None, 3, True, *objects(), None, notes.append)  # fingerprint.json only
+    with pytest.raises(MixerError, match="holds no checkpoint of this run, only of 1 other run.s. .the closest: lr 0.3"):
+        saved(tmp_path / run_key({"lr": 0.3}), {"lr": 0.3})  # one with a checkpoint: the only one named
+        (tmp_path / run_key({"lr": 0.3}) / "fingerprint.json").write_text(json.dumps({"lr": 0.3}))
+        start_or_continue(tmp_path, {"lr": 0.2}, True, 3, True, *objects(), None, notes.append)
+    assert train_state.other_runs(tmp_path, tmp_path / run_key({"lr": 0.2})) == [tmp_path / run_key({"lr": 0.3})]
+    (tmp_path / run_key({"lr": 0.3}) / "fingerprint.json").unlink()  # the checkpoint's record, when json is gone
+    assert train_state.read_fingerprint(tmp_path / run_key({"lr": 0.3})) == {"lr": 0.3}
+
+
+def test_adopting_the_old_layout_clears_its_leftovers_and_keeps_a_later_run_folder(tmp_path):
+    (tmp_path / ".last.pt.abc.tmp").write_bytes(b"half")
+    notes: list[str] = []
+    saved(tmp_path, {"lr": 0.1}, step=6)
+    saved(tmp_path / run_key({"lr": 0.1}), {"lr": 0.1}, step=9)  # the same run, later, in its own folder
+    train_state.adopt_legacy(tmp_path, None, notes.append)
+    assert not (tmp_path / ".last.pt.abc.tmp").exists()
+    assert notes == [f"{tmp_path / 'last.pt'} is an older checkpoint of the run in {tmp_path / run_key({'lr': 0.1})}: "
+                     "left as it is (delete it to free its space)"]
+    assert train_state.read(tmp_path / run_key({"lr": 0.1}))["position"]["step"] == 9

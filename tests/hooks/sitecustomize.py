@@ -3,9 +3,10 @@
 Nothing here is in the product; each hook acts only in a `mixer` process and only when its
 variable is set:
 
-- MIXER_TEST_PAUSE_IN_WRITE=<marker>: each `last.pt` is written to its temporary name, the marker
-  file is created, and the process waits (10 minutes, a failsafe) before renaming: a test that sees
-  the marker kills the process in the middle of a checkpoint write.
+- MIXER_TEST_PAUSE_IN_WRITE=<marker>: each `last.pt` (in the run's folder, checkpoints/<output_dir>/<run>/)
+  is written to its temporary name, the marker file is created, and the process waits (10 minutes, a
+  failsafe) before renaming: a test that sees the marker kills the process in the middle of a
+  checkpoint write. Every other file goes through unchanged.
 - MIXER_TEST_HOLD_STAGING=<folder>: once the command holds its locks and has made its first
   staging folder, it creates <folder>/held and waits until <folder>/release exists, so a test can
   start a second writer while the first is certainly at work.
@@ -32,14 +33,16 @@ if os.path.basename(sys.argv[0]) == "mixer" and os.environ.get("MIXER_TEST_PAUSE
 
     _atomic_write = train_state.atomic_write
 
-    def _pausing_atomic_write(path, write):
-        def write_then_wait(tmp):
-            write(tmp)
-            if Path(path).name == train_state.LAST:
-                Path(os.environ["MIXER_TEST_PAUSE_IN_WRITE"]).write_text(str(tmp))
-                time.sleep(600)  # a failsafe: the test kills the process once it sees the marker
+    def _pausing_atomic_write(path, content, *args, **kwargs):
+        if Path(path).name != train_state.LAST:  # the run's other files (fingerprint.json) as they are
+            return _atomic_write(path, content, *args, **kwargs)
 
-        _atomic_write(path, write_then_wait)
+        def write_then_wait(tmp):
+            content(tmp)
+            Path(os.environ["MIXER_TEST_PAUSE_IN_WRITE"]).write_text(str(tmp))
+            time.sleep(600)  # a failsafe: the test kills the process once it sees the marker
+
+        return _atomic_write(path, write_then_wait, *args, **kwargs)
 
     train_state.atomic_write = _pausing_atomic_write
 
