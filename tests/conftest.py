@@ -21,6 +21,17 @@ HANG = 1800
 # Hypothesis' own clocks (a deadline per example, the too-slow health check) are wall-clock verdicts too.
 settings.register_profile("any-load", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("any-load")
+# `mixer export` needs the onnx extra; without it (`pip install -e ".[test]"`) its tests are skipped, not failed
+def _have_onnx() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_onnx = pytest.mark.skipif(not _have_onnx(), reason="needs the onnx extra: pip install -e '.[test,onnx]'")
 
 
 def write_params(path: Path, **overrides) -> Path:

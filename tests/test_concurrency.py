@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT, make_image_folder, write_params
+from conftest import ROOT, make_image_folder, needs_onnx, write_params
 from mixer.data import open_prepared
 from pipeline.cli import app
 from pipeline.outputs import REPORT, Plan, Target, writing
@@ -78,7 +78,7 @@ def test_two_trains_at_once(project):
 
 @pytest.mark.parametrize(("args", "target"), [
     (["evaluate"], "reports/metrics.json"),
-    (["export"], "output/model.onnx"),
+    pytest.param(["export"], "output/model.onnx", marks=needs_onnx),
     (["import-weights", "w.safetensors", "imported"], "imported"),
     (["predict", "one", "--out", "p.csv"], "p.csv"),
 ])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT, make_image_folder, write_params
+from conftest import ROOT, make_image_folder, needs_onnx, write_params
 from mixer.errors import MixerError
 from pipeline.cli import app
 from pipeline.outputs import FIGURES, MODEL, PREDICTIONS, PREPARED, REPORT, Plan, Target, writing
@@ -196,7 +196,8 @@ def make(kind: str, command: str, project: Path) -> tuple[str, list[str], bool]:
     return target, [], False
 
 
-CASES = [(c, k) for c in COMMANDS for k in KINDS if k not in ONLY_CHOSEN or c in CHOSEN]
+CASES = [pytest.param(c, k, marks=needs_onnx) if c == "export" else (c, k)
+         for c in COMMANDS for k in KINDS if k not in ONLY_CHOSEN or c in CHOSEN]
 
 
 @pytest.mark.parametrize(("command", "kind"), CASES)
