@@ -191,8 +191,9 @@ def seed_micro_batch(seed: int, epoch: int, index: int, rank: int, generator: to
 def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainConfig, preprocessing: Preprocessing,
           run_dir: Path, fingerprint: dict | None = None, machine: Machine = Machine(), resume: bool | None = None,
           reporter: Reporter | None = None, record: dict | None = None) -> Result:
-    """Train `model`, checkpointing into its run's folder under `run_dir` (named by the fingerprint, see
-    mixer.train_state); continue the checkpointed run of the same fingerprint.
+    """Train `model`, checkpointing into its run's folder under `run_dir`, the folder of all the runs of one
+    output (named by the fingerprint, see mixer.train_state); continue the checkpointed run of the same
+    fingerprint.
 
     resume: None continues this run's checkpoint if there is one and starts anew otherwise; True
     requires one (only other runs' is an error; none at all starts anew, with a note); False always
@@ -215,7 +216,7 @@ def train(model: MlpMixer, train_split: Split, val_split: Split, config: TrainCo
     # The global batch, not the per-process one: one process × 2B continues two processes × B.
     fingerprint = {**(fingerprint or {}), "global_batch": config.batch_size * world, **learner.fingerprint}
     if main:
-        train_state.adopt_legacy(Path(run_dir), resume, reporter.note)
+        train_state.adopt_legacy(Path(run_dir), reporter.note)  # never raises: the others wait for it
     accelerator.wait_for_everyone()  # before any process reads its state
     state, run_dir = start_or_continue(Path(run_dir), fingerprint, resume, config.epochs, main, learner.module,
                                        optimizer, scheduler, ema, reporter.note)

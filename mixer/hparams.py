@@ -177,7 +177,8 @@ def _scalar(key: str, value, kind):
             raise MixerError(f"{key} must be an integer, got {brief(value)}")
         if not -2**63 <= value < 2**63:  # what torch and numpy hold; a longer one cannot even be printed whole
             digits = len(str(abs(value))) if value.bit_length() < 14_000 else "thousands of"
-            raise MixerError(f"{key} must be an integer of at most 19 digits, got one of {digits} digits")
+            raise MixerError(f"{key} must be an integer between -2**63 and 2**63 - 1 (about 9.2e18), got one of "
+                             f"{digits} digits")
         return value
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

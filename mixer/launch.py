@@ -30,6 +30,7 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_world: int = 1   # the processes on this machine (they share its memory)
+    local_rank: int = 0    # this process's place on its machine (its GPU)
 
     @property
     def main(self) -> bool:
@@ -55,15 +56,15 @@ def processes(env: Mapping[str, str] | None = None) -> Processes:
     """This process's place, from the launcher's environment variables (checked; see the module)."""
     env = os.environ if env is None else env
     world = _number(env, "WORLD_SIZE", 1, 1)
-    if world == 1:  # a stray rank would make this process a follower (or Accelerate wait for a group)
+    missing = [v for v in LAUNCHER_VARIABLES if not env.get(v, "").strip()]
+    if world == 1 and missing:  # a stray rank would make this process a follower (or Accelerate wait for a group)
         unset = {"RANK": ("", "0"), "LOCAL_RANK": ("", "-1")}  # Accelerate takes any LOCAL_RANK for a launch
-        stray = [f"{v}={env[v].strip()[:20]}" for (v, off) in unset.items() if env.get(v, "").strip() not in off]
+        stray = [v for (v, off) in unset.items() if env.get(v, "").strip() not in off]
         if stray:
-            raise MixerError(f"{' and '.join(stray)} set, but WORLD_SIZE is not above 1: unset "
-                             f"{' and '.join(s.split('=')[0] for s in stray)} to run one process (a launcher such as "
+            raise MixerError(f"{' and '.join(f'{v}={env[v].strip()[:20]}' for v in stray)} set, but WORLD_SIZE is "
+                             f"not above 1: unset {' and '.join(stray)} to run one process (a launcher such as "
                              "torchrun sets them all)")
         return Processes()
-    missing = [v for v in LAUNCHER_VARIABLES if not env.get(v, "").strip()]
     if missing:
         raise MixerError(f"WORLD_SIZE={world} is set but this process was not started by a launcher (no "
                          f"{', '.join(missing)}): unset WORLD_SIZE to run one process, or start the command with "
@@ -72,7 +73,7 @@ def processes(env: Mapping[str, str] | None = None) -> Processes:
     if rank >= world:
         raise MixerError(f"RANK={rank} is not below WORLD_SIZE={world}; let the launcher set both")
     local_world = _number(env, "LOCAL_WORLD_SIZE", world, 1)
-    return Processes(rank, world, min(local_world, world))
+    return Processes(rank, world, min(local_world, world), _number(env, "LOCAL_RANK", 0, 0))
 
 
 def is_main() -> bool:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mixer.errors import MixerError
-from mixer.hparams import at_least, check, each, fraction, hp
+from mixer.hparams import at_least, between, check, each, fraction, hp
 from mixer.preprocess import Preprocessing
 
 LAYER_NORM_EPS = 1e-6  # both the official vit_jax code and timm use 1e-6, not torch's 1e-5
@@ -84,8 +84,8 @@ class MixerConfig:
     """Everything that fixes the architecture; saved as `config.json` beside the weights."""
 
     image_shape: tuple[int, int] = hp((224, 224), "input height and width", stages="prepare train",
-                                      rule=each(at_least(1)), original=(256, 256))
-    patch_shape: tuple[int, int] = hp((16, 16), "patch height and width", rule=each(at_least(1)),
+                                      rule=each(between(1, 65536)), original=(256, 256))
+    patch_shape: tuple[int, int] = hp((16, 16), "patch height and width", rule=each(between(1, 65536)),
                                       original=(16, 16))
     depth: int = hp(8, "number of Mixer blocks", rule=at_least(1), original=6)
     dim: int = hp(512, "channels C (hidden width of each patch)", rule=at_least(1), original=512)
@@ -105,10 +105,11 @@ class MixerConfig:
         if self.channel_hidden is None:
             object.__setattr__(self, "channel_hidden", self.dim * 4)
         if self.image_shape[0] % self.patch_shape[0] or self.image_shape[1] % self.patch_shape[1]:
-            near = [min((d for d in range(1, side + 1) if side % d == 0), key=lambda d: (abs(d - patch), -d))
-                    for (side, patch) in zip(self.image_shape, self.patch_shape)]
+            near = [min((d for d in range(2, 2 * patch + 1) if side % d == 0), key=lambda d: (abs(d - patch), -d),
+                        default=None) for (side, patch) in zip(self.image_shape, self.patch_shape)]
+            hint = f"; patch_shape {near} divides it" if None not in near else ""
             raise MixerError(f"image_shape {list(self.image_shape)} is not divisible by "
-                             f"patch_shape {list(self.patch_shape)}; patch_shape {near} divides it")
+                             f"patch_shape {list(self.patch_shape)}{hint}")
         for name in ("num_classes", "in_chans"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:

@@ -188,7 +188,10 @@ def _before(deadline: float, call: Callable[[], T]) -> T:
             outcome.append((True, call()))
         except BaseException as exc:  # handed over: the waiting thread raises it
             outcome.append((False, exc))
+        finally:
+            _HUSH.release()
 
+    _HUSH.hold()  # until the call ends, however long after the deadline: a retry it logs then stays quiet too
     worker = threading.Thread(target=work, name=HUB_THREAD, daemon=True)
     worker.start()
     worker.join(max(0.0, deadline - time.monotonic()))
@@ -200,18 +203,39 @@ def _before(deadline: float, call: Callable[[], T]) -> T:
     return value
 
 
+class _Hush:
+    """huggingface_hub's log held at ERROR while anything of ours uses the hub (each retry logs a warning,
+    "Retrying in 8s": what went wrong is our one line), and given back its own level once nothing does."""
+
+    def __init__(self):
+        self.lock, self.users, self.level = threading.Lock(), 0, logging.NOTSET
+
+    def hold(self) -> None:
+        with self.lock:
+            logger = logging.getLogger("huggingface_hub")
+            if self.users == 0:
+                self.level = logger.level
+                logger.setLevel(logging.ERROR)
+            self.users += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                logging.getLogger("huggingface_hub").setLevel(self.level)
+
+
+_HUSH = _Hush()
+
+
 @contextlib.contextmanager
 def _quiet_hub() -> Iterator[None]:
-    """huggingface_hub's warnings off (each retry logs one, "Retrying in 8s"): what went wrong is our one line.
-    Left off while a call `_before` gave up on still runs, so a retry it logs later cannot print either."""
-    logger = logging.getLogger("huggingface_hub")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """huggingface_hub quiet while a fetch runs (and while any call it gave up on still runs: see `_Hush`)."""
+    _HUSH.hold()
     try:
         yield
     finally:
-        if not any(t.name == HUB_THREAD and t.is_alive() for t in threading.enumerate()):
-            logger.setLevel(level)
+        _HUSH.release()
 
 
 def hub_proxy() -> str | None:
@@ -253,7 +277,8 @@ class _HubFetch:
         late = f"no answer from {endpoint}" + (f" through the proxy {proxy}" if proxy else "") + \
             f" within {timeout:.3g} s"
         try:
-            _before(self.deadline, lambda: get_hf_file_metadata(hf_hub_url(repo, HUB_WEIGHTS[0], revision=revision),
+            # a hung name lookup is not bounded by the request's timeout: the probe waits twice that at most
+            _before(min(self.deadline, time.monotonic() + 2 * timeout + 1), lambda: get_hf_file_metadata(hf_hub_url(repo, HUB_WEIGHTS[0], revision=revision),
                                                                 timeout=timeout))
         except errors.HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
@@ -368,8 +393,8 @@ def _env_number(name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise MixerError(f"{name} must be a positive number, got {text!r}")
+    if not 0 < value <= 1e7:  # beyond it no wait ends (threading refuses longer timeouts): a mistake
+        raise MixerError(f"{name} must be a positive number of seconds up to 1e7, got {text[:40]!r}")
     return value
 
 

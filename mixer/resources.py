@@ -79,7 +79,8 @@ def activation_values(c: MixerConfig, grad_checkpointing: bool = False) -> int:
 def inference_values(c: MixerConfig) -> int:
     """Values alive per image in a forward without autograd (validation, evaluate, predict, a frozen
     trunk): the float input and its standardised copy (3·H·W each), the residual stream and a block's
-    norm output and sum (3·P·C), and the widest hidden layer before and after GELU (2·max(P·D_C, C·D_S))."""
+    norm output and sum (3·P·C), the widest hidden layer before and after GELU (2·max(P·D_C, C·D_S)), and
+    the logits."""
     p, pixels = c.num_patches, c.in_chans * c.image_shape[0] * c.image_shape[1]
     return 2 * pixels + 3 * p * c.dim + 2 * max(p * c.channel_hidden, c.dim * c.token_hidden) + c.num_classes
 
@@ -129,7 +130,9 @@ def available_memory(device: str | None = None) -> tuple[int, str]:
         if torch.cuda.is_available():
             index = torch.device(device or "cuda").index
             if index is None:  # a rank of a multi-GPU run trains on its LOCAL_RANK's GPU
-                index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+                from mixer.launch import processes
+
+                index = processes().local_rank % torch.cuda.device_count()
             free, _ = torch.cuda.mem_get_info(index)
             return free, f"GPU {index} ({torch.cuda.get_device_name(index)})"
     try:  # MemAvailable: free plus what the kernel can reclaim (caches) without swapping

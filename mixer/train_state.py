@@ -156,7 +156,8 @@ def remove_temporaries(directory: Path) -> list[Path]:
     return leftovers
 
 
-KEY = re.compile(r"[0-9a-f]{12}")  # a run folder's name: the start of its fingerprint's sha256
+KEY_GLOB = "[0-9a-f]" * 12  # a run folder's name: the start of its fingerprint's sha256 (outputs.RUN says so too)
+KEY = re.compile(r"[0-9a-f]{12}")
 
 
 def run_key(fingerprint: dict) -> str:
@@ -189,18 +190,18 @@ def disk_bytes(folders: list[Path]) -> int:
     return total
 
 
-def adopt_legacy(root: Path, resume: bool | None, note: Callable[[str], None]) -> None:
+def adopt_legacy(root: Path, note: Callable[[str], None]) -> None:
     """A checkpoint of the layout before per-run folders (root/last.pt, root/best/): moved into its run's
     folder, so it continues when its params come back, as any run does. The main process calls it
-    before any process reads its state. One of another version of mixer stays where it is (--resume: an error)."""
+    before any process reads its state, so it never raises (the others would wait for it): one it cannot
+    read, or of another version of mixer, is no run's state and stays where it is, with a note."""
     root = Path(root)
-    remove_temporaries(root)  # what a write killed in that layout left
     try:
+        remove_temporaries(root)  # what a write killed in that layout left
         payload = read(root)
-    except OtherVersion:
-        if resume:
-            raise
-        note(f"{root / LAST} is of another version of mixer: left as it is (delete it to free its space)")
+    except (MixerError, OSError) as exc:
+        reason = "of another version of mixer" if isinstance(exc, OtherVersion) else "not readable"
+        note(f"{root / LAST} is {reason}: left as it is (delete it to free its space)")
         return
     if payload is None or not isinstance(payload.get("fingerprint"), dict):
         return
@@ -208,10 +209,13 @@ def adopt_legacy(root: Path, resume: bool | None, note: Callable[[str], None]) -
     if (folder / LAST).exists():  # both layouts hold this run: the run folder's is the later one
         note(f"{root / LAST} is an older checkpoint of the run in {folder}: left as it is (delete it to free its space)")
         return
-    folder.mkdir(exist_ok=True)
-    for name in (BEST, LAST):  # best/ first: a kill between the two leaves last.pt where it is read again
-        if os.path.lexists(root / name) and not os.path.lexists(folder / name):
-            shutil.move(str(root / name), str(folder / name))
+    try:
+        folder.mkdir(exist_ok=True)
+        for name in (BEST, LAST):  # best/ first: a kill between the two leaves last.pt where it is read again
+            if os.path.lexists(root / name) and not os.path.lexists(folder / name):
+                shutil.move(str(root / name), str(folder / name))
+    except OSError as exc:
+        note(f"{root / LAST} could not be moved into {folder} ({exc.strerror}): left as it is")
 
 
 def start_or_continue(root: Path, fingerprint: dict, resume: bool | None, epochs: int, main: bool, model,
@@ -220,8 +224,7 @@ def start_or_continue(root: Path, fingerprint: dict, resume: bool | None, epochs
     (see `train`). Other runs' folders are never touched."""
     folder = run_folder(root, fingerprint)
     path = folder / LAST
-    if main:
-        folder.mkdir(parents=True, exist_ok=True)
+    if main and folder.is_dir():
         remove_temporaries(folder)
     others = other_runs(root, folder)
     try:
@@ -237,12 +240,13 @@ def start_or_continue(root: Path, fingerprint: dict, resume: bool | None, epochs
     if payload is None:
         if resume and others:
             closest = min((read_fingerprint(o) for o in others), key=lambda f: len(differences(f, fingerprint)))
+            said = "; ".join(differences(closest, fingerprint)[:6]) if closest else "unreadable"
             raise MixerError(f"cannot resume: {root} holds no checkpoint of this run, only of {len(others)} other "
-                             f"run(s) (the closest: {'; '.join(differences(closest, fingerprint)) or 'unreadable'}); "
-                             "train without --resume to start this one")
+                             f"run(s) (the closest: {said}); train without --resume to start this one")
         if resume:
             note(f"no checkpoint at {path}: starting from scratch")
         if main:  # the run's params, readable without torch, beside its checkpoint
+            folder.mkdir(parents=True, exist_ok=True)
             atomic_write(folder / RUN_RECORD, json.dumps(fingerprint, indent=1, sort_keys=True, default=str) + "\n")
         if others and main:
             note(f"starting a new run in {folder}; {len(others)} other run(s) stay in {root} "

@@ -180,7 +180,8 @@ def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
     except stage.Stopped as exc:
         signum = exc.signum
         name = signal.Signals(signum).name if signum else "request"
-        typer.echo(f"stopped by {name}: {shown(exc)}; run the same command (or dvc repro) to continue", err=True)
+        if is_main():
+            typer.echo(f"stopped by {name}: {shown(exc)}; run the same command (or dvc repro) to continue", err=True)
         raise typer.Exit(128 + signum) from None
 
 

@@ -35,7 +35,7 @@ def run(params_file: Path, overrides: dict, other_data: bool = False) -> dict:
     p = load_params(params_file, overrides, stage="evaluate")
     plan(p).verify()  # before any work
     model = load_model(Path(p.output_dir))
-    check_inference_memory(model.config, p.eval_batch_size)
+    check_inference_memory(model.config, p.eval_batch_size, device="cpu")  # where split_logits scores
     prepared = open_prepared(PREPARED)
     check_fits(model, Path(p.output_dir), prepared)
     scored = check_data(model, Path(p.output_dir), prepared, other_data)

@@ -43,7 +43,7 @@ from mixer.errors import MixerError
 from mixer.files import atomic_write, file_kind
 from mixer.inference import ONNX_FILE, columns_for
 from mixer.text import decoded
-from mixer.train_state import BEST, LAST
+from mixer.train_state import BEST, KEY_GLOB, LAST
 
 
 # ---- kinds of artifact -----------------------------------------------------------------------
@@ -164,7 +164,7 @@ TRAIN_LOG = Kind("training log", True, frozenset({"metrics.json", "params.yaml",
                                                   "report.md", "dvc.yaml"}))
 FIGURES = Kind("figures folder", True, frozenset({"confusion.png", "learning_curves.png", "mistakes.png"}))
 # the folder of an output's runs: one folder per run (mixer.train_state.run_key), and the layout before that
-RUN = Kind("run checkpoint folder", True, frozenset({LAST, BEST}), temporaries=".*.tmp", named="[0-9a-f]" * 12)
+RUN = Kind("run checkpoint folder", True, frozenset({LAST, BEST}), temporaries=".*.tmp", named=KEY_GLOB)
 REPORT = Kind("report", False, recognise=_is_report)
 PREDICTIONS = Kind("predictions file", False, recognise=_is_predictions)
 ONNX = Kind("ONNX model", False, recognise=lambda p: _starts_with(p, "\x08") and _is_model_dir(p.parent))

@@ -11,7 +11,6 @@ key, which the CLI prints as one line with exit code 2 before any work is done.
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import re
 import subprocess
@@ -67,12 +66,6 @@ RENAMED = {"data": "dataset"}  # old key → new: still read, with a note
 STAGES = ("prepare", "train", "evaluate")
 
 
-# The stage a `load_params` call reads for: a one-run override of a key two stages share
-# (`mixer prepare --image_shape 16 16`) is checked against what that stage reads, not against the keys of
-# another stage it cannot override (patch_shape, which train reads); None: every check (check, the API).
-_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage", default=None)
-
-
 def _post_init(self) -> None:
     for key in KEYS.values():
         object.__setattr__(self, key.name, hparams.validate(key, getattr(self, key.name)))
@@ -80,9 +73,6 @@ def _post_init(self) -> None:
     # each config's checks across its fields (min_lr <= lr, the split's shares, crop ranges)
     hparams.build(PrepareConfig, values)
     hparams.build(TrainConfig, values)
-    architecture = _STAGE.get() in (None, "check", "train")
-    if self.variant is None and self.checkpoint is None and architecture:  # else the architecture comes from them
-        hparams.build(MixerConfig, values, num_classes=2)
     if self.freeze != "none" and self.checkpoint is None:
         raise MixerError("freeze: features trains only the head, so it needs a checkpoint to take the features from")
 
@@ -101,7 +91,7 @@ Params = dataclasses.make_dataclass(
 def notes(p: Params) -> list[str]:
     """Choices that are valid but rarely meant, said in one line each by `check` and `train`."""
     out = []
-    if p.warmup_step >= p.num_steps > 0 and p.warmup_step > 0:
+    if p.warmup_step >= p.num_steps:
         out.append(f"note: warmup_step {p.warmup_step} is not below num_steps {p.num_steps}: the run ends in its "
                    f"warm-up, at lr {p.lr * p.num_steps / p.warmup_step:.3g} (of the peak {p.lr:g}), and never decays; "
                    "lower warmup_step to train with the schedule")
@@ -177,9 +167,17 @@ def read_yaml(path: Path) -> object:
         raise MixerError(f"{path}{where}: not valid YAML ({problem})") from None
 
 
+def check_architecture(p: Params) -> None:
+    """The architecture's checks across keys (patch_shape divides image_shape), when the params give it."""
+    if p.variant is None and p.checkpoint is None:  # else the architecture comes from them
+        hparams.build(MixerConfig, dataclasses.asdict(p), num_classes=2)
+
+
 def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None, stage: str | None = None) -> Params:
     """Read and validate a params file; `overrides` (key → value) win for this run only. `stage`: the stage
-    this run is of, whose keys alone the cross-key checks of the architecture need to fit (see `_STAGE`)."""
+    whose run this is; a stage that reads no architecture key (prepare, evaluate) is not stopped by a
+    one-run override of a key it shares with train (`mixer prepare --image_shape 16 16` with params.yaml's
+    patch_shape [3, 3]); train and every other caller check it all."""
     path = Path(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
@@ -197,13 +195,13 @@ def load_params(path: Path = PARAMS_FILE, overrides: dict | None = None, stage: 
     if missing:
         raise MixerError(f"{path}: missing key {missing[0]!r}" + (f" (and {missing[1:]})" if missing[1:] else ""))
     raw.update(overrides or {})
-    token = _STAGE.set(stage)
     try:
-        return Params(**raw)
+        p = Params(**raw)
+        if stage in (None, "train"):  # prepare and evaluate read no patch_shape: see `check_architecture`
+            check_architecture(p)
+        return p
     except MixerError as exc:
         raise MixerError(f"{path}: {exc}") from None
-    finally:
-        _STAGE.reset(token)
 
 
 # ---- what is derived from the declarations and kept in files: `python -m pipeline.params --sync` ----

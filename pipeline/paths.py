@@ -8,6 +8,6 @@ REPORTS = Path("reports")            # small files committed to git
 DATA_REPORT = REPORTS / "data.json"
 TRAIN_LOG = REPORTS / "train"        # dvclive: metrics.json, plots/metrics/*.tsv, params.yaml
 FIGURES = REPORTS / "figures"
-CHECKPOINTS = Path("checkpoints")    # one folder per output_dir: the run's resumable state; not a DVC
-                                     # output, so it survives what DVC deletes before a stage runs
+CHECKPOINTS = Path("checkpoints")    # one folder per output_dir, in it one per run: its resumable state; not
+                                     # a DVC output, so it survives what DVC deletes before a stage runs
 PARAMS_CHECKED = REPORTS / "params-check.txt"  # written by `mixer check`; every stage depends on it

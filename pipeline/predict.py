@@ -10,9 +10,10 @@ do (`... --format json | jq`), and nothing else is printed there.
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -79,7 +80,7 @@ def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None,
         sink = open(staging.file(out), "w", encoding="utf-8", newline="") if out is not None else \
             sys.stdout if stream else None
         try:
-            with Progress(transient=True, disable=stream or not sys.stdout.isatty()) as bar:
+            with _reader_may_leave(stream), Progress(transient=True, disable=stream or not sys.stdout.isatty()) as bar:
                 task = bar.add_task(f"predicting {len(images)} images", total=len(images))
                 tail = pd.DataFrame(skipped, dtype=object).reindex(columns=prediction_columns(model, top_k), fill_value="")
                 for (n, chunk) in enumerate(_chunks(predict_batches(model, images, top_k, workers=workers), tail)):
@@ -95,7 +96,8 @@ def run(paths: list[Path], model_spec: str | None, top_k: int, out: Path | None,
                 sink.close()
     seconds = time.perf_counter() - started
     if stream:
-        sink.flush()
+        with _reader_may_leave(stream):
+            sink.flush()
         return
     if listed:
         _print_table(console, pd.concat(listed, ignore_index=True))
@@ -149,3 +151,16 @@ def _print_summary(console: Console, total: int, labels: collections.Counter, er
         console.print(Text(f"  {shown(path)}: {shown(error)}"))
     if len(errors) > 3:
         console.print(Text(f"  and {len(errors) - 3} more (see the error column of --out)"))
+
+
+@contextmanager
+def _reader_may_leave(stream: bool):
+    """Rows streamed to stdout: a reader that stops early (`| head -3`) ends the command quietly, as it
+    ends `cat`, instead of with a BrokenPipeError traceback (and another from the flush at exit)."""
+    try:
+        yield
+    except BrokenPipeError:
+        if not stream:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere
+        raise SystemExit(0) from None

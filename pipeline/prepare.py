@@ -43,7 +43,7 @@ def run(params_file: Path, overrides: dict, workers: int) -> dict:
     print(f"prepared {len(report['classes'])} classes: {counts}; skipped {len(report['skipped'])}, "
           f"cross-split duplicates {len(report['duplicates'])}, label conflicts {len(report['label_conflicts'])}")
     if report["label_conflicts"]:
-        print(f"warning: {len(report['label_conflicts'])} image(s) have two labels (a CSV row, or the same content in "
-              f"two class folders): each kept its first; see {DATA_REPORT} (strict: true makes it an error)",
-              file=sys.stderr)
+        print(f"warning: {len(report['label_conflicts'])} image(s) have two labels: a path a CSV lists twice keeps "
+              "its first label, the same content in two class folders is kept in both (see "
+              f"{DATA_REPORT}; strict: true makes either an error)", file=sys.stderr)
     return report

@@ -127,7 +127,8 @@ def trained_on(p: Params, prepared: Prepared) -> dict:
 
 
 def run_dir(output_dir: str) -> Path:
-    """checkpoints/<output_dir>: the folder of the run that writes `output_dir`."""
+    """checkpoints/<output_dir>: the folder of the runs that write `output_dir`, one sub-folder each
+    (mixer.train_state.run_folder)."""
     path = Path(os.path.normpath(output_dir))
     if path.is_absolute() or path.parts[:1] in ((), ("..",)):  # outside the project, or it: a name of its own
         path = Path(f"{path.name}-{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:10]}")

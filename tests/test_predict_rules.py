@@ -14,6 +14,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from pathlib import Path
 from typer.testing import CliRunner
 
 import mixer.inference
@@ -197,3 +198,28 @@ def test_workers_are_never_more_than_the_images_or_the_cpus(model_dir, images, m
     result = CliRunner().invoke(app, ["predict", *paths, "--model", str(model_dir), "--workers", str(workers)])
     assert result.exit_code == 0, result.output
     assert asked == [processes]
+
+
+def test_a_reader_that_stops_early_ends_the_stream_quietly(tmp_path):
+    """`mixer predict DIR --format json | head -1` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from conftest import HANG, ROOT
+
+    from mixer import create_model
+    from mixer.checkpoint import save_model
+
+    save_model(create_model(image_shape=(8, 8), patch_shape=(4, 4), depth=1, dim=8, num_classes=2), tmp_path / "m")
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(400):
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(images / f"{i:03d}.png")
+    mixer = str(Path(sys.executable).parent / "mixer")
+    line = f"{mixer} predict {images} --model {tmp_path / 'm'} --format json --workers 1 | head -1"
+    run = subprocess.run(["bash", "-o", "pipefail", "-c", line], capture_output=True, text=True, timeout=HANG,
+                         cwd=tmp_path)
+    assert run.stdout.startswith('{"path"') and run.stdout.count("\n") == 1
+    assert run.returncode == 0 and "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr

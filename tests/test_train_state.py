@@ -126,7 +126,7 @@ def test_a_checkpoint_of_the_layout_before_run_folders_moves_into_its_runs_folde
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "config.json").write_text("{}")
     notes: list[str] = []
-    train_state.adopt_legacy(tmp_path, None, notes.append)
+    train_state.adopt_legacy(tmp_path, notes.append)
     (state, folder) = start_or_continue(tmp_path, {"lr": 0.2}, None, 3, True, *objects(), None, notes.append)
     assert state.step == 0 and folder == tmp_path / run_key({"lr": 0.2})
     assert not (tmp_path / "last.pt").exists()
@@ -172,11 +172,13 @@ def test_a_checkpoint_of_another_version_starts_a_new_run_unless_resume_is_asked
     """After an upgrade, `dvc repro` (resume unset) starts over with a note; --resume says why it cannot."""
     torch.save({"format": train_state.FORMAT - 1}, tmp_path / "last.pt")  # the layout before run folders
     notes = []
-    train_state.adopt_legacy(tmp_path, None, notes.append)
-    assert notes == [f"{tmp_path / 'last.pt'} is of another version of mixer: left as it is (delete it to free its "
-                     "space)"]
-    with pytest.raises(MixerError, match="is not a checkpoint of this version of mixer"):
-        train_state.adopt_legacy(tmp_path, True, notes.append)
+    train_state.adopt_legacy(tmp_path, notes.append)  # never raises: the other processes wait for it
+    assert notes.pop() == (f"{tmp_path / 'last.pt'} is of another version of mixer: left as it is (delete it to "
+                           "free its space)")
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    train_state.adopt_legacy(tmp_path, notes.append)
+    assert notes.pop() == f"{tmp_path / 'last.pt'} is not readable: left as it is (delete it to free its space)"
+    assert (tmp_path / "last.pt").read_bytes() == b"not a checkpoint" and not notes
     folder = tmp_path / run_key({"run": 1})  # and in a run's own folder
     folder.mkdir()
     torch.save({"format": train_state.FORMAT - 1}, folder / "last.pt")
@@ -192,10 +194,11 @@ def test_a_checkpoint_of_another_version_starts_a_new_run_unless_resume_is_asked
 def test_a_run_stopped_before_its_first_checkpoint_is_no_other_run(tmp_path):
     notes: list[str] = []
     start_or_continue(tmp_path, {"lr": 0.1}, None, 3, True, *objects(), None, notes.append)  # fingerprint.json only
+    saved(tmp_path / run_key({"lr": 0.3}), {"lr": 0.3})  # one with a checkpoint: the only one named
+    (tmp_path / run_key({"lr": 0.3}) / "fingerprint.json").write_text(json.dumps({"lr": 0.3}))
     with pytest.raises(MixerError, match="holds no checkpoint of this run, only of 1 other run.s. .the closest: lr 0.3"):
-        saved(tmp_path / run_key({"lr": 0.3}), {"lr": 0.3})  # one with a checkpoint: the only one named
-        (tmp_path / run_key({"lr": 0.3}) / "fingerprint.json").write_text(json.dumps({"lr": 0.3}))
         start_or_continue(tmp_path, {"lr": 0.2}, True, 3, True, *objects(), None, notes.append)
+    assert not (tmp_path / run_key({"lr": 0.2})).exists()  # a refused --resume leaves no folder behind
     assert train_state.other_runs(tmp_path, tmp_path / run_key({"lr": 0.2})) == [tmp_path / run_key({"lr": 0.3})]
     (tmp_path / run_key({"lr": 0.3}) / "fingerprint.json").unlink()  # the checkpoint's record, when json is gone
     assert train_state.read_fingerprint(tmp_path / run_key({"lr": 0.3})) == {"lr": 0.3}
@@ -206,7 +209,7 @@ def test_adopting_the_old_layout_clears_its_leftovers_and_keeps_a_later_run_fold
     notes: list[str] = []
     saved(tmp_path, {"lr": 0.1}, step=6)
     saved(tmp_path / run_key({"lr": 0.1}), {"lr": 0.1}, step=9)  # the same run, later, in its own folder
-    train_state.adopt_legacy(tmp_path, None, notes.append)
+    train_state.adopt_legacy(tmp_path, notes.append)
     assert not (tmp_path / ".last.pt.abc.tmp").exists()
     assert notes == [f"{tmp_path / 'last.pt'} is an older checkpoint of the run in {tmp_path / run_key({'lr': 0.1})}: "
                      "left as it is (delete it to free its space)"]
