@@ -31,11 +31,12 @@ VERSION = 2  # 1: normalization/resize/image_shape at the top level; 2: one prep
 
 
 def save_model(model: MlpMixer, directory: Path, source: dict | None = None,
-               trained_on: dict | None = None, kept: dict | None = None) -> None:
+               trained_on: dict | None = None, kept: dict | None = None, environment: dict | None = None) -> None:
     """Write `model.safetensors` and `config.json` (architecture, classes, preprocessing) atomically.
 
     trained_on: the prepared data the weights were trained on (its hash and split), which evaluation
     checks its data against. kept: which epoch of the run the weights are (`keep: best|last`).
+    environment: what else decides the exact numbers (threads, library versions; `environment()`).
     """
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for (k, v) in model.state_dict().items()}
@@ -52,8 +53,22 @@ def save_model(model: MlpMixer, directory: Path, source: dict | None = None,
         meta["trained_on"] = trained_on
     if kept is not None:
         meta["kept"] = kept
+    if environment is not None:
+        meta["environment"] = environment
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     atomic_write(directory / CONFIG, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")  # UTF-8
+
+
+def environment(processes: int = 1, device: str = "cpu", precision: str = "no") -> dict:
+    """What a run's exact numbers depend on besides its params and data: the reduction order of the matrix
+    products changes with the thread count, the kernels with the versions and the device."""
+    import platform
+
+    import numpy
+
+    return {"threads": torch.get_num_threads(), "processes": processes, "device": device,
+            "mixed_precision": precision, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "machine": platform.machine()}
 
 
 def read_config(directory: Path) -> dict:

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from mixer.checkpoint import save_model
+from mixer.checkpoint import environment, save_model
 from mixer.data import Prepared, open_prepared
 from mixer.engine import Interrupted, Machine, TrainConfig, steps_per_epoch, train
 from mixer.errors import MixerError
@@ -281,8 +281,10 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
                           f"({spe * step_images} of the {len(train_split)} training images an epoch), "
                           f"{len(val_split)} val images scored after each")
         stop_when_dvc_dies()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         record = dict(source=None if model.source is None else {"fine_tuned_from": model.source},
-                      trained_on=trained_on(p, prepared))  # on every model the run writes: best/ too
+                      trained_on=trained_on(p, prepared),  # on every model the run writes: best/ too
+                      environment=environment(launched.world, device, machine.mixed_precision))
         try:
             result = train(model, train_split, val_split, config, model.preprocessing, folder,
                            fingerprint(p, prepared, model), replace(machine, stop=stop), resume, reporter, record)

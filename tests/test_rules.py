@@ -208,6 +208,10 @@ def test_best_records_the_data_and_weights_it_was_trained_from(runner, project):
     delivered = json.loads((project / "output" / "config.json").read_text())
     best = json.loads((only_run(project / "checkpoints" / "output") / "best" / "config.json").read_text())
     assert best["trained_on"] == delivered["trained_on"] and best["trained_on"]["prepared_data"]
+    # and what else decides the exact numbers: a second thread changes the matrix products' reduction order
+    assert best["environment"] == delivered["environment"]
+    assert (delivered["environment"]["threads"], delivered["environment"]["torch"]) == (torch.get_num_threads(),
+                                                                                          torch.__version__)
     assert runner.invoke(app, ["import-weights", "output", "copy"]).exit_code == 0  # a copy is the same model
     copy = json.loads((project / "copy" / "config.json").read_text())
     assert (copy["trained_on"], copy["kept"]) == (delivered["trained_on"], delivered["kept"])
