@@ -36,6 +36,9 @@ from pipeline.params import Params, build, fingerprint_keys, input_shape, load_p
 from pipeline.paths import CHECKPOINTS, PREPARED, TRAIN_LOG
 from pipeline.progress import ConsoleReporter
 
+SMALL_VAL = 1000  # val images below which a best epoch is a few images ahead of the others, within noise
+
+
 def train_config(p: Params) -> TrainConfig:
     """The run's hyperparameters: TrainConfig's declared keys, from the params."""
     return build(TrainConfig, p)
@@ -280,6 +283,11 @@ def run(params_file: Path, overrides: dict, machine: Machine, resume: bool | Non
             reporter.line(f"training: {config.epochs} epochs of {spe} steps × {step_images} images "
                           f"({spe * step_images} of the {len(train_split)} training images an epoch), "
                           f"{len(val_split)} val images scored after each")
+            if p.keep == "best" and len(val_split) < SMALL_VAL:
+                reporter.line(f"note: keep: best picks an epoch by {len(val_split)} val images, where one image is "
+                              f"{100 / len(val_split):.2f} points of accuracy: epochs that close are noise, and on the "
+                              "digits the last epoch beat the best one 7 of 10 times (benchmarks/recipe.py); "
+                              "keep: last is the default")
         stop_when_dvc_dies()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         record = dict(source=None if model.source is None else {"fine_tuned_from": model.source},

@@ -370,3 +370,10 @@ def test_the_run_checkpoint_folder_is_ours_only_with_our_entries(tmp_path, entri
         else:
             (tmp_path / name).write_bytes(content)
     assert (RUN.owns(tmp_path) is None) == ours
+
+
+def test_keep_best_on_a_small_val_split_is_said_to_be_noise(runner, project):
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    said = runner.invoke(app, ["train", *TINY, "--num-steps", "1", "--keep", "best"]).output
+    assert "note: keep: best picks an epoch by 3 val images, where one image is 33.33 points of accuracy" in said
+    assert "keep: best picks" not in runner.invoke(app, ["train", *TINY, "--num-steps", "1"]).output
