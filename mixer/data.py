@@ -148,7 +148,7 @@ def prepare(source: Source, out_dir: Path, config: PrepareConfig, workers: int =
     del header
     digests: list[str | None] = [None] * n
     skipped = list(source.skipped)
-    jobs = [(i, source.root / rel, config.image_shape, config.resize) for (i, (rel, _)) in enumerate(source.items)]
+    jobs = [(i, source.target(rel), config.image_shape, config.resize) for (i, (rel, _)) in enumerate(source.items)]
     with open(out_dir / IMAGES, "r+b") as cache:
         for (index, array, digest, error) in decode_many(jobs, workers):
             if error is None:

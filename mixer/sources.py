@@ -1,30 +1,45 @@
 """Where the images are: the `data` param resolved to a list of (file, class) pairs, nothing decoded yet.
 
 Sources: the embedded digits (written out as an image folder first, so it takes the user's path),
-an image folder (one sub-folder per class), or a CSV (`path,label`, or the Kaggle dog-breed
-`id,breed` with images at `<folder>/<id>.jpg`). Files are listed and sorted; whatever cannot be
-read safely (links out of the folder or in a loop, FIFOs and devices, names that are not UTF-8) is
-skipped with its reason. `find_images` lists a folder for `mixer predict` by the same walk.
+an image folder (one sub-folder per class), a zip or tar archive of such a folder (read in place,
+never unpacked), or a CSV (`path,label`, or the Kaggle dog-breed `id,breed` with images at
+`<folder>/<id>.jpg`). Files are listed and sorted; whatever cannot be read safely (links out of the
+folder or in a loop, FIFOs and devices, names that are not UTF-8; in an archive also links, members
+whose path leads out of it) is skipped with its reason. A folder and an archive are read by one
+layout rule (`layout`: one folder per class, or split folders). `find_images` lists a folder for
+`mixer predict` by the same walk.
 """
 
 from __future__ import annotations
 
 import errno
+import io
+import lzma
 import os
 import stat
+import tarfile
 import unicodedata
+import zipfile
+import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from mixer.decoding import Member, open_member
 from mixer.errors import MixerError
 from mixer.files import file_kind
 from mixer.text import decoded
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+# An archive listing more members, or declaring more bytes of regular files, than this is not a data set
+# to read (a zip bomb declares petabytes): refused before anything is decoded.
+MAX_MEMBERS = 5_000_000
+MAX_ARCHIVE_BYTES = 2**40
 
 
 @dataclass
@@ -40,6 +55,17 @@ class Source:
     given_splits: tuple[str, ...] = ()  # a pre-split folder (train/ val/ test/): the splits it has; each item's
     # path then starts with its split's folder (see `split_of`)
     split_folders: dict[str, str] = field(default_factory=dict)  # given split -> its folder's name (`Valid`)
+    members: dict[str, Member] | None = None  # an archive's: each item's member; `root` is then the archive's
+    # path joined with the folder(s) that wrap the layout in it (data/dogs.zip/dogs), for messages only
+
+    def target(self, rel: str) -> Path | Member:
+        """What `mixer.decoding.decode` reads for the item at `rel`: a file, or an archive's member."""
+        return self.members[rel] if self.members is not None else self.root / rel
+
+    def open(self, rel: str) -> BinaryIO:
+        """The item at `rel` opened for reading, from the folder or from the archive (OSError or ValueError if it
+        cannot be): for a reader of a few items, such as `mixer.survey.survey(source, opener=source.open)`."""
+        return open_member(self.members[rel]) if self.members is not None else open(self.root / rel, "rb")
 
     def split_of(self, rel: str) -> str:
         """The split a pre-split folder gives an item (its top folder's, `valid` and `validation` as `val`)."""
@@ -84,7 +110,8 @@ def _is_utf8(name: str) -> bool:
 
 
 def scan_folder(root: Path) -> Source:
-    """One class per top-level sub-folder; images in nested folders belong to that class.
+    """One class per top-level sub-folder; images in nested folders belong to that class (or split folders:
+    see `layout`).
 
     Links are followed, but a folder reached twice (a link loop such as `dog/up -> ..`, or a second
     name for a folder already scanned) is skipped, so no image is relabelled or counted twice. Links
@@ -98,25 +125,21 @@ def scan_folder(root: Path) -> Source:
     if not root.exists():
         raise MixerError(f"data folder {root} does not exist")
     if not root.is_dir():
-        raise MixerError(f"data {root} is neither a folder nor a CSV file")
+        raise MixerError(f"data {root} is neither a folder, a CSV file nor an archive "
+                         f"({', '.join(ARCHIVE_SUFFIXES)})")
     inside = root.resolve()
     if inside in _home_and_above() | {Path(inside.anchor)}:
         raise MixerError(f"data folder {printable(root)} is the file system root, your home folder or a folder above "
                          "it: every file below would be listed; put the images in a folder of their own "
                          "(data/<name>/<class>/...) and set dataset to it")
-    classes = _class_folders(root, inside)
-    if not classes:
-        raise MixerError(f"data folder {printable(root)} has no class sub-folders: put each class's images in a "
-                         f"folder of its own ({printable(root)}/<class>/...)")
-    if any(name.lower() in SPLIT_FOLDERS for name in classes):
-        return _scan_split_folder(root, classes)
-    _refuse_alike([root / name for name in classes])
+    found = layout(root, _class_folders(root, inside), lambda split: _class_folders(root / split, inside))
     items: list[tuple[str, str]] = []
     skipped: list[dict] = []
     seen = {_identity(root)}
-    for name in classes:
-        _walk(root, root / name, name, seen, items, skipped, inside=inside)
-    return Source(root, sorted(items), classes, skipped)
+    for (folder, name) in found.folders.items():
+        _walk(root, root / folder, name, seen, items, skipped, inside=inside)
+    return Source(root, sorted(items), found.classes, skipped, given_splits=found.given_splits,
+                  split_folders=found.split_folders)
 
 
 def _home_and_above() -> set[Path]:
@@ -128,38 +151,56 @@ def _home_and_above() -> set[Path]:
     return {home, *home.parents}
 
 
-def _scan_split_folder(root: Path, folders: list[str]) -> Source:
-    """root/<split>/<class>/...: every split's class folders, scanned as `scan_folder` scans one folder.
+@dataclass(frozen=True)
+class Layout:
+    """How a data folder's (or archive's) folders read: its classes, and the folders that hold each."""
 
-    Read this way only when every top-level folder names a split, one folder per split, `train` among
-    them; anything else is refused, as either reading could be wrong."""
+    classes: list[str]
+    folders: dict[str, str]  # class folder, relative to the root ('beagle', 'train/beagle') -> its class
+    given_splits: tuple[str, ...] = ()
+    split_folders: dict[str, str] = field(default_factory=dict)
+
+    def label_of(self, rel: str) -> str | None:
+        """The class of a file at `rel` (relative to the root, '/'-separated): its class folder's, at any depth
+        below it; None for a file in no class folder (beside them, or directly in a split folder)."""
+        parts = rel.split("/")
+        depth = 2 if self.given_splits else 1
+        return self.folders.get("/".join(parts[:depth])) if len(parts) > depth else None
+
+
+def layout(root: Path, folders: list[str], folders_in: Callable[[str], list[str]],
+           noun: str = "data folder") -> Layout:
+    """The one home of the layout rule, for a folder and an archive alike: `folders` are the root's
+    folders (sorted, not hidden), `folders_in(name)` lists those of one of them (asked only of split
+    folders). One class per folder; or, when every folder names a split (one folder per split, `train`
+    among them), the classes are the folders below them. Anything else is refused, as either reading
+    could be wrong; so are class folders that print alike. `root` and `noun` only word the messages."""
+    if not folders:
+        raise MixerError(f"{noun} {printable(root)} has no class sub-folders: put each class's images in a "
+                         f"folder of its own ({printable(root)}/<class>/...)")
+    if not any(name.lower() in SPLIT_FOLDERS for name in folders):
+        _refuse_alike([root / name for name in folders])
+        return Layout(list(folders), {name: name for name in folders})
     splits = [s for s in folders if s.lower() in SPLIT_FOLDERS]
     others = [s for s in folders if s.lower() not in SPLIT_FOLDERS]
     listed = ", ".join(s + "/" for s in splits)
     if others:
         beside = ", ".join(s + "/" for s in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise MixerError(f"data folder {printable(root)} has split folders ({listed}) beside other folders ({beside}), "
+        raise MixerError(f"{noun} {printable(root)} has split folders ({listed}) beside other folders ({beside}), "
                          f"so it reads neither as one folder per class nor as split folders: move {others[0]}/ out "
                          f"of it, or into the split folders if it is a class")
     named = [SPLIT_FOLDERS[s.lower()] for s in splits]
     if len(set(named)) < len(named):
         twice = [s + "/" for s in splits if named.count(SPLIT_FOLDERS[s.lower()]) > 1]
-        raise MixerError(f"data folder {printable(root)} has {' and '.join(twice)}: one folder per split")
+        raise MixerError(f"{noun} {printable(root)} has {' and '.join(twice)}: one folder per split")
     if "train" not in named:
-        raise MixerError(f"data folder {printable(root)} has {listed} but no train/: a split data folder needs "
+        raise MixerError(f"{noun} {printable(root)} has {listed} but no train/: a split data folder needs "
                          "train/<class>/ to learn from; add it, or rename the folders if they are classes")
-    inside = root.resolve()
-    parts = {s: _class_folders(root / s, inside) for s in splits}
+    parts = {s: folders_in(s) for s in splits}
     _refuse_alike([root / s / name for s in splits for name in parts[s]])
-    classes = sorted(set().union(*parts.values()))
-    items: list[tuple[str, str]] = []
-    skipped: list[dict] = []
-    seen = {_identity(root)}
-    for split in splits:
-        for name in parts[split]:
-            _walk(root, root / split / name, name, seen, items, skipped, inside=inside)
-    return Source(root, sorted(items), classes, skipped, given_splits=tuple(sorted(set(named))),
-                  split_folders={SPLIT_FOLDERS[s.lower()]: s for s in splits})
+    return Layout(sorted(set().union(*parts.values())),
+                  {f"{s}/{name}": name for s in splits for name in parts[s]},
+                  given_splits=tuple(sorted(set(named))), split_folders={SPLIT_FOLDERS[s.lower()]: s for s in splits})
 
 
 def _refuse_alike(folders: list[Path]) -> None:
@@ -264,6 +305,181 @@ def _walk(root: Path, folder: Path, label: str, seen: set, items: list, skipped:
             items.append((rel.as_posix(), label))
 
 
+def is_archive(path: str | Path) -> bool:
+    """A zip or tar file by its name (`.zip`, `.tar`, `.tar.gz`, `.tgz`, `.tar.bz2`, `.tar.xz`, any case)."""
+    return Path(path).name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def scan_archive(path: Path) -> Source:
+    """A zip or tar of an image folder, read in place: the layouts and skips of `scan_folder`.
+
+    Members are listed, never unpacked: the folder(s) that wrap everything (`dogs/` in a `dogs.zip` made
+    by `zip -r dogs.zip dogs`) are looked through, and the rest is read by `layout`, as the folder
+    unpacked would be. Only regular-file members become items (their names relative to the layout's
+    root, so the split is the unpacked folder's); links, devices and encrypted or sparse members in a
+    class folder are skipped with their reason, as are members whose path leads out of the archive
+    (absolute, `..`) and image names that are not UTF-8. Hidden members (a part starting with '.',
+    `__MACOSX/`) are ignored. A name listed twice is read from its last member, as unpacking would.
+    An archive that cannot be listed, or lists more than MAX_MEMBERS members or MAX_ARCHIVE_BYTES
+    bytes, is a MixerError naming it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MixerError(f"data archive {printable(path)} does not exist")
+    kind = "zip" if path.name.lower().endswith(".zip") else "tar"
+    try:
+        entries = list(_zip_entries(path) if kind == "zip" else _tar_entries(path))
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, ValueError, NotImplementedError, zlib.error,
+            lzma.LZMAError) as exc:
+        why = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise MixerError(f"data archive {printable(path)} is not a readable {kind} archive ({why})") from None
+    files: dict[str, tuple[str | None, Member | None]] = {}  # path -> (why it is not read, its member): the last
+    folders: set[str] = set()
+    again: list[str] = []
+    refused: list[tuple[str, str]] = []  # (member name, why): named relative to the layout's root once it is known
+    for (name, is_folder, problem, member) in entries:
+        (rel, reason) = _member_path(name, is_folder)
+        if rel is None:
+            if reason is not None:
+                refused.append((name, reason))
+            continue
+        parts = rel.split("/")
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts) + (1 if is_folder else 0)))
+        if not is_folder:
+            if rel in files:
+                again.append(rel)
+            files[rel] = (problem, member)
+    children: dict[str, set[str]] = {}
+    for folder in folders:
+        (parent, _, name) = folder.rpartition("/")
+        children.setdefault(parent, set()).add(name)
+    prefix = ""  # the folder(s) that wrap everything: one folder at the top, not a split's, holding folders
+    while len(children.get(prefix, ())) == 1:
+        (only,) = children[prefix]
+        inner = f"{prefix}/{only}" if prefix else only
+        if only.lower() in SPLIT_FOLDERS or not children.get(inner):
+            break
+        prefix = inner
+    root = Path(path, *prefix.split("/")) if prefix else path
+
+    def under(folder: str) -> list[str]:
+        return sorted(children.get(f"{prefix}/{folder}" if prefix else folder, ()))
+
+    found = layout(root, sorted(children.get(prefix, ())), under, noun="data archive")
+    items: list[tuple[str, str]] = []
+    members: dict[str, Member] = {}
+    start = len(prefix) + 1 if prefix else 0
+
+    def local(rel: str) -> str | None:  # a path relative to the layout's root, if it lies below it
+        return rel[start:] if not prefix or rel.startswith(prefix + "/") else None
+
+    up = "../" * (prefix.count("/") + 1) if prefix else ""  # from the layout's root to the archive's top
+    skipped = [{"path": printable(local(name) or (name if name.startswith("/") else up + name)), "reason": reason}
+               for (name, reason) in refused]
+    for rel in again:
+        if local(rel) is not None and found.label_of(local(rel)) is not None and is_image_file(PurePosixPath(rel)):
+            skipped.append({"path": local(rel), "reason": "an earlier member of the same name; the last one is read, "
+                                                          "as unpacking would"})
+    for (rel, (problem, member)) in files.items():
+        label = found.label_of(local(rel)) if local(rel) is not None else None
+        if label is None:
+            continue
+        if problem is not None:
+            skipped.append({"path": local(rel), "reason": problem})
+        elif is_image_file(PurePosixPath(rel)):
+            items.append((local(rel), label))
+            members[local(rel)] = member
+    return Source(root, sorted(items), found.classes, skipped, given_splits=found.given_splits,
+                  split_folders=found.split_folders, members=members)
+
+
+def _member_path(name: str, is_folder: bool) -> tuple[str | None, str | None]:
+    """A member's path, '/'-separated without empty or '.' parts; or None and why it is not read (None: ignored,
+    as a hidden member is, `__MACOSX/` included)."""
+    if name.startswith(("/", "\\")) or (len(name) >= 3 and name[0].isascii() and name[0].isalpha()
+                                          and name[1] == ":" and name[2] in "/\\"):  # C:/ too
+        return None, None if is_folder else "absolute path in the archive; not read"
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        return None, None if is_folder else "path leads out of the archive (..); not read"
+    if not parts or any(part.startswith(".") or part == "__MACOSX" for part in parts):
+        return None, None
+    if not _is_utf8(name):  # a folder's name shows in each of its images' names
+        return None, "name is not UTF-8" if not is_folder and is_image_file(PurePosixPath(*parts)) else None
+    return "/".join(parts), None
+
+
+def _sane(path: Path, members: int, size: int) -> None:
+    if members > MAX_MEMBERS:
+        raise MixerError(f"data archive {printable(path)} lists more than {MAX_MEMBERS:,} members: not a data set "
+                         "to read in place; split it, or unpack it and set dataset to the folder")
+    if size > MAX_ARCHIVE_BYTES:
+        raise MixerError(f"data archive {printable(path)} declares more than {MAX_ARCHIVE_BYTES:,} bytes of files: "
+                         "not a data set of images (a decompression bomb?); not read")
+
+
+Entry = tuple[str, bool, "str | None", "Member | None"]  # name, is a folder, why not read, the member to read
+
+
+def _zip_entries(path: Path) -> Iterator[Entry]:
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    _sane(path, len(infos), sum(info.file_size for info in infos))
+    where = os.path.abspath(path)
+    for info in infos:
+        name = info.filename
+        if not info.flag_bits & 0x800:  # no UTF-8 flag: zipfile read the bytes as cp437; most zips hold UTF-8
+            name = name.encode("cp437").decode("utf-8", "surrogateescape")
+        mode = info.external_attr >> 16 if info.create_system == 3 else 0  # Unix: its st_mode
+        if info.is_dir() or stat.S_ISDIR(mode):
+            yield name, True, None, None
+        elif stat.S_ISLNK(mode):
+            yield name, False, "symbolic link; links in an archive are not followed", None
+        elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):
+            yield name, False, f"not a regular file ({file_kind(mode)})", None
+        elif info.flag_bits & 0x1:
+            yield name, False, "encrypted; not read", None
+        else:
+            yield name, False, None, Member(where, "zip", info.filename, info.header_offset, info.file_size)
+
+
+def _tar_entries(path: Path) -> Iterator[Entry]:
+    where = os.path.abspath(path)
+    with tarfile.open(path, "r:*") as archive:  # any compression; each header read once, in order
+        total, end = 0, 0
+        for (count, info) in enumerate(archive, start=1):
+            if info.isreg():
+                total += info.size
+            _sane(path, count, total)  # before the next header is sought, past this member's data
+            end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE * info.isreg()
+            if info.isdir():
+                yield info.name, True, None, None
+            elif info.issym() or info.islnk():
+                yield info.name, False, (f"{'symbolic' if info.issym() else 'hard'} link; links in an archive are "
+                                         "not followed"), None
+            elif info.sparse is not None:
+                yield info.name, False, "sparse member; not read", None
+            elif info.ischr() or info.isblk() or info.isfifo():
+                kind = "character device" if info.ischr() else "block device" if info.isblk() else "FIFO"
+                yield info.name, False, f"not a regular file ({kind})", None
+            elif not info.isreg():
+                yield info.name, False, "not a regular file", None
+            else:
+                yield info.name, False, None, Member(where, "tar", info.name, info.offset_data, info.size)
+        if isinstance(archive.fileobj, io.BufferedReader):  # not compressed: a cut one lists without an error
+            _whole_tar(archive.fileobj, end)
+
+
+def _whole_tar(file, end: int) -> None:
+    """An uncompressed tar ends with its last member's data and then a block of zeros at least (POSIX asks for
+    two; GNU tar takes one): tarfile takes a tar cut in a member's data or header, or between two members, for
+    one that ends there (a compressed one fails as its stream ends early)."""
+    file.seek(end)
+    tail = file.read(2**20)
+    if len(tail) < tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        raise tarfile.ReadError("unexpected end of data: cut short or damaged")
+
+
 def read_csv(csv: Path) -> Source:
     """`path,label` (paths relative to the CSV) or Kaggle's `id,breed` with `<id>.jpg` beside it.
 
@@ -327,7 +543,7 @@ def read_csv(csv: Path) -> Source:
 
 
 def open_source(data: str, scratch: Path) -> Source:
-    """Resolve the `data` param: 'digits', an image folder, or a CSV file."""
+    """Resolve the `data` param: 'digits', an image folder, a zip or tar archive of one, or a CSV file."""
     if data == "digits":
         return scan_folder(export_digits(Path(scratch) / "digits"))
     path = Path(data)
@@ -335,4 +551,6 @@ def open_source(data: str, scratch: Path) -> Source:
         if not path.is_file():
             raise MixerError(f"data file {path} does not exist")
         return read_csv(path)
+    if is_archive(path) and not path.is_dir():
+        return scan_archive(path)
     return scan_folder(path)
