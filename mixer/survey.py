@@ -10,7 +10,6 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO, Callable
 
 import numpy as np
@@ -82,7 +81,7 @@ def survey(source: Source, opener: Callable[[str], BinaryIO] | None = None, samp
     result = Survey(len(source.classes), len(source.items), (per[0], int(statistics.median(per)), per[-1]))
     if not source.items:
         return result
-    opener = opener or (lambda rel: open(Path(source.root) / rel, "rb"))
+    opener = opener or source.open  # a file under the folder, or a member of the archive
     picks = np.unique(np.linspace(0, len(source.items) - 1, min(sample, len(source.items))).astype(int))
     for index in picks:
         try:

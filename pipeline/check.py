@@ -16,6 +16,7 @@ from pathlib import Path
 from mixer.data import PrepareConfig, check_source
 from mixer.errors import MixerError
 from mixer.sources import open_source
+from mixer.survey import survey
 from mixer.text import shown
 from pipeline import evaluate, prepare, train
 from pipeline.outputs import REPORT, Plan, Target, writing
@@ -44,7 +45,10 @@ def check_data(p, under_dvc: bool) -> None:
                          f"would not see its images change; copy it in (cp -r {shown(p.dataset)} {DATA_DIR}/) and set "
                          f"dataset: {DATA_DIR}/{data.name}")
     with tempfile.TemporaryDirectory() as scratch:
-        check_source(open_source(p.dataset, Path(scratch)), build(PrepareConfig, p, image_shape=p.image_shape))
+        source = open_source(p.dataset, Path(scratch))
+        check_source(source, build(PrepareConfig, p, image_shape=p.image_shape))
+        for line in survey(source).lines(p.image_shape):  # what the data holds, against what it becomes
+            print(line)
 
 
 def run(params_file: Path, overrides: dict) -> None:

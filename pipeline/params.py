@@ -37,8 +37,8 @@ PARAMS_FILE = Path("params.yaml")
 class Project:
     """The keys the pipeline itself interprets: where data and weights come from and go to."""
 
-    dataset: str = hp("digits", "the images: 'digits' (embedded), an image folder (one sub-folder per class) or a "
-                      "CSV", stages="prepare")
+    dataset: str = hp("digits", "the images: 'digits' (embedded), an image folder (one sub-folder per class), a "
+                      "CSV, or a .zip/.tar archive of a folder", stages="prepare")
     checkpoint: str | None = hp(None, "weights to fine-tune: a model directory, a weights file, "
                                 "hf-hub:owner/name[@revision] or an https:// URL; image_shape is its input size or a "
                                 "whole multiple per side (token mixing expanded)", stages="prepare train")

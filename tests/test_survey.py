@@ -3,6 +3,8 @@ sample of headers, and a note when image_shape is far from the images' size."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,3 +64,27 @@ def test_every_preset_the_advice_names_loads(preset):
 
     p = load_params(ROOT / "presets" / preset)
     assert p.image_shape[0] % p.patch_shape[0] == 0 or p.variant is not None
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "zip"])
+def test_check_describes_a_folder_or_an_archive_before_any_decoding(tmp_path, monkeypatch, packed):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from conftest import write_params
+    from pipeline.cli import app
+
+    data = folder(tmp_path / "grey", {"a": 10, "b": 10}, (28, 28))
+    if packed:
+        data = Path(shutil.make_archive(str(tmp_path / "grey"), "zip", tmp_path, "grey"))
+    write_params(tmp_path / "params.yaml", data=str(data))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["check"])
+    assert result.exit_code == 0, result.output
+    assert ("data: 2 classes, 20 images (10 to 10 per class, median 10); a sample of 20: typically 28×28 (heights 28 "
+            "to 28, widths 28 to 28), modes L 20") in result.output
+    assert "note: image_shape [16, 16] shrinks these images about 1.8" not in result.output  # within 2×
+    result = CliRunner().invoke(app, ["check", "--image-shape", "8", "8", "--patch-shape", "4", "4"])
+    assert "note: image_shape [8, 8] shrinks these images about 3.5× per side" in result.output
+    assert "presets/small-grey.yaml" in result.output
