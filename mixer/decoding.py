@@ -51,8 +51,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "F":  # 32-bit float: [0, 1] (the scientific convention, else all black) or [0, 255]
-        array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        scale = 255.0 if array.size and array.min() >= 0 and array.max() <= 1.0 else 1.0
+        array = np.asarray(image, dtype=np.float64)
+        finite = array[np.isfinite(array)]
+        # [0, 1] when nearly every pixel is (a stray hot pixel or NaN must not turn the image black)
+        unit = finite.size > 0 and np.percentile(finite, 99) <= 1.0 and np.percentile(finite, 1) >= -1e-3
+        scale = 255.0 if unit else 1.0
+        array = np.nan_to_num(array, nan=0.0, posinf=1.0 if unit else 255.0, neginf=0.0)
         image = Image.fromarray(np.clip(array * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")

@@ -67,7 +67,7 @@ class TrainConfig:
     eval_batch_size: int = hp(256, "images per batch when evaluating", stages="train evaluate", rule=at_least(1),
                               affects=False)
     keep: str = hp("last", "the model train delivers: the last epoch's (as Keras and the HF Trainer), or the "
-                   "epoch of the best val accuracy, the latest of a tie (timm's model_best)", rule=one_of("last", "best"),
+                   "epoch of the best val accuracy (timm's model_best)", rule=one_of("last", "best"),
                    fingerprint=False)  # both are on disk at the end
     freeze: str = hp("none", "none: train every weight; features: train only the head (a linear probe of "
                      "the checkpoint's features)", rule=one_of("none", "features"))
@@ -405,9 +405,7 @@ class _Run:
             "lr": max(group["lr"] for group in self.optimizer.param_groups),  # the head's, with layer_decay
             "images_per_second": (totals.images - resumed) / max(seconds, 1e-9),
         }
-        # a tie goes to the later epoch: on a small val split accuracy plateaus a few images apart, and the
-        # first epoch to touch the top is noise (benchmarks/recipe.py: the last epoch beat it 7 of 10 times)
-        best = val["accuracy"] >= state.best_accuracy
+        best = val["accuracy"] > state.best_accuracy
         state.epoch, state.step_in_epoch, state.sums = epoch + 1, 0, RunningSums()
         state.history = state.history + [metrics]
         state.best_accuracy = max(state.best_accuracy, val["accuracy"])

@@ -181,11 +181,19 @@ def _scalar(key: str, value, kind):
                              f"{digits} digits")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MixerError(f"{key} must be a number, got {brief(value)}")
-        return float(value)
+        try:
+            number = float(value)  # an integer of 310 digits or more has no float
+        except OverflowError:
+            raise MixerError(f"{key} must be a finite number, got an integer of {value.bit_length()} bits") from None
+        if not math.isfinite(number):
+            raise MixerError(f"{key} must be a number, got {brief(value)}")
+        return number
     if not isinstance(value, str) or not value:
         raise MixerError(f"{key} must be a non-empty string, got {brief(value)}")
+    if "\0" in value:  # no path can hold one, and the OS calls on it raise ValueError
+        raise MixerError(f"{key} holds a NUL byte, which no file name or name can hold, got {brief(value)}")
     return value
 
 

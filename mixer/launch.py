@@ -39,9 +39,9 @@ class Processes:
 
 
 def _number(env: Mapping[str, str], name: str, default: int, low: int) -> int:
-    text = env.get(name, "").strip()
-    if not text:
+    if name not in env:
         return default
+    text = env[name].strip()
     try:
         value = int(text)
     except ValueError:
@@ -55,6 +55,9 @@ def _number(env: Mapping[str, str], name: str, default: int, low: int) -> int:
 def processes(env: Mapping[str, str] | None = None) -> Processes:
     """This process's place, from the launcher's environment variables (checked; see the module)."""
     env = os.environ if env is None else env
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # set but empty: Accelerate's int('')
+        if name in env and not env[name].strip():
+            raise MixerError(f"environment variable {name} is set but empty; unset it (or let a launcher set it)")
     world = _number(env, "WORLD_SIZE", 1, 1)
     missing = [v for v in LAUNCHER_VARIABLES if not env.get(v, "").strip()]
     if world == 1 and missing:  # a stray rank would make this process a follower (or Accelerate wait for a group)

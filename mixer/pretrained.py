@@ -280,6 +280,8 @@ class _HubFetch:
             # a hung name lookup is not bounded by the request's timeout: the probe waits twice that at most
             _before(min(self.deadline, time.monotonic() + 2 * timeout + 1), lambda: get_hf_file_metadata(hf_hub_url(repo, HUB_WEIGHTS[0], revision=revision),
                                                                 timeout=timeout))
+        except errors.HFValidationError:  # not a repository name at all: the download below says so in one line
+            return ""
         except errors.HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
             return f"{endpoint} answered HTTP {status}" if status is not None and (status >= 500 or status == 429) \

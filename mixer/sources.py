@@ -204,15 +204,18 @@ def layout(root: Path, folders: list[str], folders_in: Callable[[str], list[str]
 
 
 def _refuse_alike(folders: list[Path]) -> None:
-    """Two class folders whose names differ only by case (`Cat`, `cat`) or Unicode form (`café` composed
-    or not, NFC and NFD) would be two classes that print as one: refused, naming both."""
+    """Two class folders whose names differ only by case (`Cat`, `cat`), Unicode form (`café` composed
+    or not, NFC and NFD, compatibility forms) or invisible characters (a zero-width space, a joiner)
+    would be two classes that print as one: refused, naming both."""
     first: dict[str, Path] = {}
     for folder in folders:
-        key = unicodedata.normalize("NFC", folder.name).casefold()
+        visible = "".join(c for c in unicodedata.normalize("NFKC", folder.name) if unicodedata.category(c) != "Cf")
+        key = visible.casefold()
         other = first.setdefault(key, folder)
         if other.name != folder.name:
             raise MixerError(f"class folders {printable(other)} and {printable(folder)} differ only by letter case "
-                             "or Unicode form (NFC/NFD), so they would be two classes that print alike: merge them "
+                             "or Unicode form or invisible characters, so they would be two classes that print alike: "
+                             "merge them "
                              "into one folder, or rename one")
 
 

@@ -26,12 +26,12 @@ from pipeline.paths import DATA_DIR, PARAMS_CHECKED
 CHECKED = "params.yaml passed `mixer check` (its content never changes; DVC stages depend on it)\n"
 
 
-def check_data(p, under_dvc: bool) -> None:
+def check_data(p, under_dvc: bool) -> list[str]:
     """The data source, listed (nothing decoded): what prepare would refuse stops here, before any stage runs.
     Under DVC it must lie in data/, the folder dvc.yaml tracks for prepare: a change elsewhere would
     leave `dvc repro` saying all is up to date."""
     if p.dataset == "digits":  # embedded: always the same images
-        return
+        return []
     data = Path(p.dataset)
     tracked = Path(os.path.realpath(DATA_DIR))
     real = Path(os.path.realpath(data))
@@ -47,13 +47,12 @@ def check_data(p, under_dvc: bool) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         source = open_source(p.dataset, Path(scratch))
         check_source(source, build(PrepareConfig, p, image_shape=p.image_shape))
-        for line in survey(source).lines(p.image_shape):  # what the data holds, against what it becomes
-            print(line)
+        return survey(source).lines(p.image_shape)  # what the data holds, against what it becomes
 
 
 def run(params_file: Path, overrides: dict) -> None:
     p = load_params(params_file, overrides)
-    check_data(p, under_dvc="DVC_STAGE" in os.environ)
+    described = check_data(p, under_dvc="DVC_STAGE" in os.environ)
     for stage in (prepare, train, evaluate):  # what each stage will write: before DVC deletes anything
         stage.plan(p).verify()
     if "DVC_STAGE" in os.environ and not Path(os.path.realpath(p.output_dir)).is_relative_to(os.path.realpath(".")):
@@ -64,6 +63,8 @@ def run(params_file: Path, overrides: dict) -> None:
     train.check_memory(p)  # a batch that cannot fit stops here, not after DVC has deleted the model
     with writing("mixer check", Plan(targets=(Target(PARAMS_CHECKED, REPORT),))) as staging:
         staging.file(PARAMS_CHECKED).write_text(CHECKED)
-    for line in notes(p):  # after every check: a command that fails prints its one line alone
+    for line in described:  # after every check: a command that fails prints its one line alone
+        print(line)
+    for line in notes(p):
         print(line, file=sys.stderr)
     print(f"{shown(params_file)}: every key is valid; dataset {shown(p.dataset)}; checkpoint {shown(p.checkpoint or 'none')}")

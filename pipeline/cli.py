@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import signal
 import sys
 import typing
@@ -19,7 +20,7 @@ import typer
 
 from mixer.errors import MixerError
 from mixer.launch import is_main
-from mixer.text import one_line, param_text, shown
+from mixer.text import brief, one_line, param_text, shown
 from pipeline.allocator import keep_freed_memory
 from pipeline.params import KEYS, PARAMS_FILE, RENAMED, STAGES, stage_keys
 
@@ -36,6 +37,14 @@ def fail(message: str) -> typer.Exit:
     if is_main():  # launched processes fail alike: rank 0 says it once
         typer.echo(f"error: {one_line(message)}", err=True)
     return typer.Exit(2)
+
+
+def failed_os_call(exc: OSError) -> typer.Exit:
+    """An OSError no check turned into a MixerError (a path part over 255 bytes, a permission) as one line
+    naming the path: an input problem never ends in a traceback."""
+    where = exc.filename if exc.filename is not None else "a file"
+    path = brief(os.fsdecode(where)) if isinstance(where, (str, bytes, os.PathLike)) else brief(where)
+    return fail(f"{path.strip(chr(39))}: {exc.strerror or type(exc).__name__}")
 
 
 def _override_parameter(name: str, stage: str) -> inspect.Parameter:
@@ -102,6 +111,8 @@ def stage_command(stage: str, name: str | None = None):
                 return func(overrides=_given(stage, {k: v for (k, v) in overrides.items() if v is not None}), **kwargs)
             except MixerError as exc:
                 raise fail(str(exc)) from None
+            except OSError as exc:
+                raise failed_os_call(exc) from None
 
         params = own + [_override_parameter(k, stage) for k in keys]
         command.__signature__ = inspect.Signature(params)
@@ -120,6 +131,8 @@ def guarded(func):
             return func(*args, **kwargs)
         except MixerError as exc:
             raise fail(str(exc)) from None
+        except OSError as exc:
+            raise failed_os_call(exc) from None
 
     return command
 

@@ -78,7 +78,7 @@ class Kind:
         foreign = [n for n in names if n not in self.entries | self.keep and not fnmatch.fnmatch(n, self.temporaries)
                    and not (self.named and fnmatch.fnmatch(n, self.named) and (path / n).is_dir())]
         if foreign:
-            return f"a folder with files this command did not write (e.g. {foreign[0]!r})"
+            return f"a folder with files this command did not write (e.g. {_shown(path / foreign[0])})"
         if self.recognise is not None and not self.recognise(path):
             return f"a folder that is not a {self.name}"
         return None
@@ -164,7 +164,8 @@ TRAIN_LOG = Kind("training log", True, frozenset({"metrics.json", "params.yaml",
                                                   "report.md", "dvc.yaml"}))
 FIGURES = Kind("figures folder", True, frozenset({"confusion.png", "learning_curves.png", "mistakes.png"}))
 # the folder of an output's runs: one folder per run (mixer.train_state.run_key), and the layout before that
-RUN = Kind("run checkpoint folder", True, frozenset({LAST, BEST}), temporaries=".*.tmp", named=KEY_GLOB)
+RUN = Kind("run checkpoint folder", True, frozenset({LAST, BEST}), temporaries=".*.tmp", named=KEY_GLOB,
+           keep=frozenset({".gitignore", ".DS_Store"}))  # macOS Finder writes .DS_Store into any folder it shows
 REPORT = Kind("report", False, recognise=_is_report)
 PREDICTIONS = Kind("predictions file", False, recognise=_is_predictions)
 ONNX = Kind("ONNX model", False, recognise=lambda p: _starts_with(p, "\x08") and _is_model_dir(p.parent))
@@ -293,7 +294,8 @@ def _shown(target: Path | str) -> str:
         shown = str(target.relative_to(Path.cwd())) or "."
     except ValueError:
         shown = str(target)
-    return decoded(shown)
+    shown = decoded(shown)
+    return shown if len(shown) <= 200 else shown[:120] + "…" + shown[-60:]  # a path of megabytes stays one line
 
 
 # ---- locks and their owner records ---------------------------------------------------------------

@@ -160,6 +160,8 @@ def read_yaml(path: Path) -> object:
         raise MixerError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise MixerError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except RecursionError:  # YAML nested thousands of levels deep: the parser recurses once per level
+        raise MixerError(f"{path}: not valid YAML (nested too deeply)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

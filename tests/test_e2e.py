@@ -176,8 +176,8 @@ def test_fine_tune_an_imported_checkpoint_through_dvc(repo):
 
     from mixer.checkpoint import load_model
 
-    # a timm-layout model on the default grid (16×16 images, 4×4 patches: 16 patches), 5 classes
-    weights = as_timm(random_weights(3, (4, 4), 16, 32, 16, 64, 1, 5))
+    # a timm-layout model on the default grid (12×12 images, 3×3 patches: 16 patches), 5 classes
+    weights = as_timm(random_weights(3, (3, 3), 16, 32, 16, 64, 1, 5))
     save_file({k: v.contiguous() for (k, v) in weights.items()}, str(repo / "timm.safetensors"))
     ok(["mixer", "import-weights", "timm.safetensors", "models/imported"], repo)
     set_params(repo, checkpoint="models/imported", num_steps=1, lr=1.0e-9, warmup_step=0)  # so little training that
@@ -185,7 +185,7 @@ def test_fine_tune_an_imported_checkpoint_through_dvc(repo):
     assert "new zero-initialised head for 10 classes" in out
     tuned, imported = load_model(repo / "output"), load_model(repo / "models" / "imported")
     assert (tuned.config.dim, tuned.config.depth, tuned.config.num_classes) == (32, 1, 10)
-    images = torch.randn(4, 3, 16, 16)
+    images = torch.randn(4, 3, 12, 12)
     with torch.inference_mode():  # the imported weights were loaded: the same features before the head
         assert (tuned.forward_features(images) - imported.forward_features(images)).abs().max() < 1e-4
         control = load_model(repo / "models" / "imported")
@@ -447,10 +447,10 @@ def test_a_checkpoint_at_a_size_its_grid_does_not_divide_stops_dvc_repro_in_chec
     env = {**tool_env(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     ok(["dvc", "repro"], repo)
     before = snapshot(repo / "output"), snapshot(repo / "reports"), snapshot(repo / "prepared")
-    set_params(repo, checkpoint="hf-hub:someone/mixer-tiny")  # the digits' 16x16 with a 16x20 checkpoint
+    set_params(repo, checkpoint="hf-hub:someone/mixer-tiny")  # the digits' 12x12 with a 16x20 checkpoint
     result = run(["dvc", "repro"], repo, env)
     assert result.returncode != 0
-    assert ("error: checkpoint hf-hub:someone/mixer-tiny: image_shape [16, 16] does not fit weights whose token "
+    assert ("error: checkpoint hf-hub:someone/mixer-tiny: image_shape [12, 12] does not fit weights whose token "
             "mixing is tied to a 4x5 grid of 4x4 patches: give their own [16, 20]") in result.stdout + result.stderr
     assert "Running stage 'prepare'" not in result.stdout
     assert (snapshot(repo / "output"), snapshot(repo / "reports"), snapshot(repo / "prepared")) == before

@@ -242,20 +242,26 @@ def test_leftovers_of_an_interrupted_write_are_removed(tmp_path):
     assert not list(folder.glob(".*.tmp")) and again.steps[0] == 1 and (folder / "last.pt").is_file()
 
 
-@pytest.mark.parametrize("where", ["in its run's folder", "of the layout before run folders"])
-def test_an_unreadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, where):
+def test_an_unreadable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     root = tmp_path / "run"
-    if where == "in its run's folder":
-        with pytest.raises(Crash):
-            run(root, reporter=Record(crash_at=1))
-        last = only_run(root) / "last.pt"
-    else:
-        root.mkdir()
-        last = root / "last.pt"
+    with pytest.raises(Crash):
+        run(root, reporter=Record(crash_at=1))
+    last = only_run(root) / "last.pt"
     last.write_bytes(b"not a checkpoint")
     with pytest.raises(MixerError, match=f"^{re.escape(str(last))} is not a readable checkpoint"):
         run(root)
     assert last.read_bytes() == b"not a checkpoint"
+
+
+def test_an_unreadable_checkpoint_of_the_old_layout_is_no_runs_state_and_stays(tmp_path):
+    """Rank 0 alone adopts the old layout, before the others read their state: it never raises."""
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "last.pt").write_bytes(b"not a checkpoint")
+    record = Record()
+    result = run(root, reporter=record)
+    assert record.notes[0] == f"{root / 'last.pt'} is not readable: left as it is (delete it to free its space)"
+    assert result.state.step > 0 and (root / "last.pt").read_bytes() == b"not a checkpoint"
 
 
 def test_divergence_stops_the_run(tmp_path):
@@ -525,7 +531,7 @@ def test_the_next_batch_is_gathered_while_the_loop_works_on_this_one():
 def test_keep_delivers_the_best_val_epoch_or_the_last_and_says_which(tmp_path, keep):
     result = run(tmp_path / "run", config(epochs=4, lr=0.05, keep=keep))
     accuracies = [m["val/accuracy"] for m in result.state.history]
-    epoch = len(accuracies) - accuracies[::-1].index(max(accuracies)) if keep == "best" else 4  # a tie: the later
+    epoch = accuracies.index(max(accuracies)) + 1 if keep == "best" else 4
     assert result.kept == {"keep": keep, "epoch": epoch, "of": 4, "val_accuracy": accuracies[epoch - 1]}
     assert result.folder == only_run(tmp_path / "run")
     best = load_model(result.folder / train_state.BEST).state_dict()

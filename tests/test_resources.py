@@ -307,7 +307,7 @@ def test_a_download_that_drips_meets_the_time_limit(tmp_path, monkeypatch):
     assert readings == [0.0, 100.0, 200.0, 300.0, 400.0]  # at 300, not past the deadline: the download went on
     assert not cached_files(tmp_path / "cache")
     monkeypatch.setenv("MIXER_DOWNLOAD_TIME_LIMIT", "soon")
-    with pytest.raises(MixerError, match="MIXER_DOWNLOAD_TIME_LIMIT must be a positive number, got 'soon'"):
+    with pytest.raises(MixerError, match="MIXER_DOWNLOAD_TIME_LIMIT must be a positive number of seconds up to 1e7, got 'soon'"):
         download("http://127.0.0.1:9/x.npz")
 
 

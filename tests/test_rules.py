@@ -377,3 +377,68 @@ def test_keep_best_on_a_small_val_split_is_said_to_be_noise(runner, project):
     said = runner.invoke(app, ["train", *TINY, "--num-steps", "1", "--keep", "best"]).output
     assert "note: keep: best picks an epoch by 3 val images, where one image is 33.33 points of accuracy" in said
     assert "keep: best picks" not in runner.invoke(app, ["train", *TINY, "--num-steps", "1"]).output
+
+
+# ---- the neighbours a hostile pass found ---------------------------------------------------------
+
+LONG = "x" * 300  # one path part over the 255 bytes a file name may have
+
+
+@pytest.mark.parametrize("args", [
+    ["check", "--lr", "7" * 400],                       # a float key given an integer no float holds
+    ["check", "--crop-scale", "0.5", "9" * 400],
+    ["check", "--dataset", "dig\0its"],                 # a NUL byte, for every command that reads the key
+    ["train", *TINY, "--dataset", "dig\0its"],
+    ["check", "--checkpoint", LONG],                    # a path part too long: OSError, not a traceback
+    ["predict", "images", "--model", LONG],
+    ["import-weights", LONG, "q"],
+    ["predict", LONG],
+    ["evaluate", "--output-dir", LONG],
+], ids=["float-int", "float-list-int", "nul-check", "nul-train", "long-checkpoint", "long-model", "long-import",
+        "long-predict", "long-output-dir"])
+def test_hostile_values_are_one_line(runner, project, args):
+    line = error_line(runner.invoke(app, args))
+    assert len(line) < 400
+
+
+@pytest.mark.parametrize("nesting", ["[" * 3000 + "]" * 3000, "{a: " * 3000 + "1" + "}" * 3000])
+def test_yaml_nested_thousands_deep_is_one_line(runner, project, nesting):
+    text = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(re.sub(r"(?m)^dataset: .*$", "dataset: " + nesting, text))
+    assert "nested too deeply" in error_line(runner.invoke(app, ["check"]))
+
+
+@pytest.mark.parametrize("name", ["WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"])
+def test_a_launcher_variable_set_but_empty_is_one_line(name):
+    with pytest.raises(MixerError, match=f"environment variable {name} is set but empty"):
+        processes({name: ""})
+
+
+def test_class_folders_alike_but_for_an_invisible_character_are_refused(tmp_path):
+    from mixer.sources import scan_folder
+
+    make_image_folder(tmp_path / "d", {"cat": 2, "ca\u200bt": 2, "dog": 2})
+    with pytest.raises(MixerError, match="differ only by letter case or Unicode form or invisible characters"):
+        scan_folder(tmp_path / "d")
+
+
+def test_finders_ds_store_in_the_checkpoint_folder_is_not_a_foreign_file(runner, project):
+    assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
+    (project / "checkpoints" / "output").mkdir(parents=True)
+    (project / "checkpoints" / "output" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    assert runner.invoke(app, ["train", *TINY, "--num-steps", "1"]).exit_code == 0
+    (project / "checkpoints" / "output" / "notes.txt").write_text("mine")
+    line = error_line(runner.invoke(app, ["train", *TINY, "--num-steps", "1"]))
+    assert "(e.g. checkpoints/output/notes.txt)" in line
+
+
+def test_a_float_image_with_a_stray_pixel_keeps_its_brightness(tmp_path):
+    from PIL import Image
+
+    from mixer.decoding import decode
+
+    pixels = np.full((4, 4), 0.5, dtype=np.float32)
+    pixels[0, 0], pixels[0, 1], pixels[0, 2] = 1.0001, np.nan, np.inf  # one hot pixel, a NaN, an inf
+    Image.fromarray(pixels).save(tmp_path / "f.tif")
+    (rgb, _) = decode(tmp_path / "f.tif", (4, 4))
+    assert rgb[1:, :, 0].tolist() == [[128] * 4] * 3 and rgb[0, 0, 0] == 255 and rgb[0, 1, 0] == 0
