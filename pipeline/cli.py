@@ -193,8 +193,8 @@ def train(overrides: dict, params: ParamsOption = PARAMS_FILE,
     except stage.Stopped as exc:
         signum = exc.signum
         name = signal.Signals(signum).name if signum else "request"
-        if is_main():
-            typer.echo(f"stopped by {name}: {shown(exc)}; run the same command (or dvc repro) to continue", err=True)
+        # every rank says it: which one the signal reached, and that all stopped at the same step
+        typer.echo(f"stopped by {name}: {shown(exc)}; run the same command (or dvc repro) to continue", err=True)
         raise typer.Exit(128 + signum) from None
 
 
