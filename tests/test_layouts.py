@@ -75,10 +75,11 @@ REFUSED = [
     ("val_and_valid", {**SPLIT, "valid/a": 2, "valid/b": 2}, None, {}, "scan",
      "data folder {root} has val/ and valid/: one folder per split"),
     ("case_alike_classes", {"Cat": 6, "cat": 6}, None, {}, "scan",
-     "class folders {root}/Cat and {root}/cat differ only by letter case or Unicode form (NFC/NFD), so they would "
-     "be two classes that print alike: merge them into one folder, or rename one"),
+     "class folders {root}/Cat and {root}/cat differ only by letter case or Unicode form or invisible characters, "
+     "so they would be two classes that print alike: merge them into one folder, or rename one"),
     ("nfc_and_nfd_classes", {NFC: 6, NFD: 6}, None, {}, "scan",
-     f"class folders {{root}}/{NFD} and {{root}}/{NFC} differ only by letter case or Unicode form (NFC/NFD)"),
+     f"class folders {{root}}/{NFD} and {{root}}/{NFC} differ only by letter case or Unicode form or invisible "
+     "characters"),
     ("case_alike_across_splits", {"train/Cat": 6, "train/dog": 6, "val/cat": 2, "val/dog": 2}, None, {}, "scan",
      "class folders {root}/train/Cat and {root}/val/cat differ only by letter case"),
     ("class_missing_from_train", {**SPLIT, "val/c": 2}, None, {}, "check",
