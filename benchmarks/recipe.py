@@ -77,9 +77,8 @@ def one_run(changes: dict, seed: int, threads: int) -> dict:
         (folder,) = [p for p in (work / "checkpoints" / params["output_dir"]).iterdir() if p.is_dir()]
         kept = json.loads((work / params["output_dir"] / "config.json").read_text())["kept"]
         best = json.loads((folder / "best" / "config.json").read_text())["kept"]["epoch"]
-        last = score(work / params["output_dir"], work / "prepared") if kept["keep"] == "last" else None
-        if last is None:  # keep: best delivered best/: score the last epoch from last.pt's weights
-            raise SystemExit("run the benchmark with keep: last (the default): it scores best/ itself")
+        assert kept["keep"] == "last", kept  # main() asks for it: output/ is the last epoch, best/ is scored too
+        last = score(work / params["output_dir"], work / "prepared")
         return {"seed": seed, "seconds": seconds, "last": last, "best": score(folder / "best", work / "prepared"),
                 "best_epoch": best, "epochs": kept["of"], "val_last": kept["val_accuracy"],
                 "svc": svc(work / "prepared"), "threads": threads}

@@ -97,6 +97,12 @@ def brief(value: object) -> str:
         return f"<an integer of {value.bit_length() if isinstance(value, int) else '?'} bits>"
 
 
+def clipped(text: str, limit: int = 200) -> str:
+    """`text` at most `limit` characters: its start and end kept, the middle as an ellipsis (a path stays
+    recognisable by both)."""
+    return text if len(text) <= limit else text[:limit * 3 // 5] + "…" + text[-(limit * 3 // 10):]
+
+
 def one_line(message: object) -> str:
     """A message as one bounded line for a terminal: `shown`, cut to MAX_LINE characters with an ellipsis."""
     text = shown(message)

@@ -16,6 +16,7 @@ run is never loaded. Files are written to a temporary name and renamed, and read
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -157,7 +158,7 @@ def remove_temporaries(directory: Path) -> list[Path]:
 
 
 KEY_GLOB = "[0-9a-f]" * 12  # a run folder's name: the start of its fingerprint's sha256 (outputs.RUN says so too)
-KEY = re.compile(r"[0-9a-f]{12}")
+KEY = re.compile(fnmatch.translate(KEY_GLOB))  # the same rule, for fullmatch
 
 
 def run_key(fingerprint: dict) -> str:

@@ -20,7 +20,7 @@ import typer
 
 from mixer.errors import MixerError
 from mixer.launch import is_main
-from mixer.text import brief, one_line, param_text, shown
+from mixer.text import clipped, one_line, param_text, shown
 from pipeline.allocator import keep_freed_memory
 from pipeline.params import KEYS, PARAMS_FILE, RENAMED, STAGES, stage_keys
 
@@ -43,8 +43,8 @@ def failed_os_call(exc: OSError) -> typer.Exit:
     """An OSError no check turned into a MixerError (a path part over 255 bytes, a permission) as one line
     naming the path: an input problem never ends in a traceback."""
     where = exc.filename if exc.filename is not None else "a file"
-    path = brief(os.fsdecode(where)) if isinstance(where, (str, bytes, os.PathLike)) else brief(where)
-    return fail(f"{path.strip(chr(39))}: {exc.strerror or type(exc).__name__}")
+    path = os.fsdecode(where) if isinstance(where, (str, bytes, os.PathLike)) else str(where)
+    return fail(f"{clipped(path)}: {exc.strerror or type(exc).__name__}")
 
 
 def _override_parameter(name: str, stage: str) -> inspect.Parameter:

@@ -42,7 +42,7 @@ from mixer.data import IMAGES, INFO, MANIFEST
 from mixer.errors import MixerError
 from mixer.files import atomic_write, file_kind
 from mixer.inference import ONNX_FILE, columns_for
-from mixer.text import decoded
+from mixer.text import clipped, decoded
 from mixer.train_state import BEST, KEY_GLOB, LAST
 
 
@@ -294,8 +294,7 @@ def _shown(target: Path | str) -> str:
         shown = str(target.relative_to(Path.cwd())) or "."
     except ValueError:
         shown = str(target)
-    shown = decoded(shown)
-    return shown if len(shown) <= 200 else shown[:120] + "…" + shown[-60:]  # a path of megabytes stays one line
+    return clipped(decoded(shown))  # a path of megabytes stays one line
 
 
 # ---- locks and their owner records ---------------------------------------------------------------

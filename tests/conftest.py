@@ -55,6 +55,23 @@ def make_image_folder(root: Path, classes: dict[str, int], size=(10, 12), seed: 
     return root
 
 
+def make_project(root: Path, **overrides) -> Path:
+    """A working folder whose params.yaml points at a small image folder (3 classes of 12 8×8 images) to be
+    prepared at 8×8 in 2 epochs; `overrides` change more keys."""
+    make_image_folder(root / "images", {"a": 12, "b": 12, "c": 12}, size=(8, 8))
+    write_params(root / "params.yaml", data=str(root / "images"), image_shape=[8, 8], patch_shape=[2, 2],
+                 num_classes=3, num_steps=2, **overrides)
+    return root
+
+
+def only_run(root: Path) -> Path:
+    """The one run folder (12 hex characters, mixer.train_state.run_key) under checkpoints/<output_dir>."""
+    from mixer.train_state import KEY
+
+    (folder,) = [p for p in root.iterdir() if p.is_dir() and KEY.fullmatch(p.name)]
+    return folder
+
+
 def git_env() -> dict:
     env = dict(os.environ)
     env.update(GIT_AUTHOR_NAME="Test", GIT_AUTHOR_EMAIL="test@example.com",

@@ -9,7 +9,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import ROOT, make_image_folder, write_params
+from conftest import ROOT, make_image_folder, make_project, write_params
 from pipeline.cli import app
 from pipeline.params import KEYS, STAGES, stage_keys
 
@@ -26,10 +26,7 @@ def runner():
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A working directory with params.yaml pointing at a small image folder, prepared at 8×8."""
-    make_image_folder(tmp_path / "images", {"a": 12, "b": 12, "c": 12}, size=(8, 8))
-    write_params(tmp_path / "params.yaml", data=str(tmp_path / "images"), image_shape=[8, 8], patch_shape=[2, 2],
-                 num_classes=3, num_steps=2)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(make_project(tmp_path))
     return tmp_path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -18,7 +17,7 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from conftest import ROOT, git_env, read_until, run
+from conftest import ROOT, git_env, only_run, read_until, run
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -41,12 +40,6 @@ def set_params(repo: Path, **changes) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params.update(changes)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def only_run(root: Path) -> Path:
-    """The one run folder (12 hex characters, mixer.train_state.run_key) under checkpoints/<output_dir>."""
-    (folder,) = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{12}", p.name)]
-    return folder
 
 
 def commit_tracked(dest: Path, **params) -> Path:

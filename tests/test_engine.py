@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import only_run
 from mixer import engine, train_state
 from mixer.augment import AugmentConfig
 from mixer.checkpoint import load_model, read_config, save_model
@@ -91,12 +92,6 @@ def run(folder, cfg=None, resume=None, reporter=None, every=None, stop=None, fin
 def run_folders(root):
     """The run folders (12 hex characters, train_state.run_key) under a root, sorted."""
     return sorted(p for p in root.iterdir() if p.is_dir() and train_state.KEY.fullmatch(p.name))
-
-
-def only_run(root):
-    """The folder of the one run whose checkpoints `root` holds."""
-    (folder,) = run_folders(root)
-    return folder
 
 
 def on_disk(folder):

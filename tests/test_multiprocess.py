@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, make_image_folder, read_until, write_params
+from conftest import ROOT, make_image_folder, only_run, read_until, write_params
 from safetensors.torch import load_file
 from test_e2e import ok, tool_env
 
@@ -90,14 +90,6 @@ def wait_held(run: subprocess.Popen, hold: Path, ranks: tuple[str, ...] = ("0",)
     while not all((hold / f"held-{rank}").exists() for rank in ranks):
         assert run.poll() is None, run.stdout.read()
         time.sleep(0.02)
-
-
-def only_run(root: Path) -> Path:
-    """The one run folder (12 hex characters, mixer.train_state.run_key) under checkpoints/<output_dir>."""
-    from mixer.train_state import KEY
-
-    (folder,) = [p for p in root.iterdir() if p.is_dir() and KEY.fullmatch(p.name)]
-    return folder
 
 
 def epochs_logged(project: Path) -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT, make_image_folder, needs_onnx, write_params
+from conftest import ROOT, make_image_folder, needs_onnx, only_run, write_params
 from mixer.errors import MixerError
 from pipeline.cli import app
 from pipeline.outputs import FIGURES, MODEL, PREDICTIONS, PREPARED, REPORT, Plan, Target, writing
@@ -443,14 +443,6 @@ def test_an_owner_record_that_is_a_link_is_replaced_not_followed(tmp_path, monke
     with writing("test", Plan((Target(target, PREDICTIONS),), places=())):
         pass
     assert victim.read_text() == "precious" and not (folder / f"{key}.owner").is_symlink()
-
-
-def only_run(root: Path) -> Path:
-    """The one run folder (12 hex characters, mixer.train_state.run_key) under checkpoints/<output_dir>."""
-    from mixer.train_state import KEY
-
-    (folder,) = [p for p in root.iterdir() if p.is_dir() and KEY.fullmatch(p.name)]
-    return folder
 
 
 def test_a_checkpoint_inside_the_runs_own_folder_is_refused(project):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import typing
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import ROOT, make_image_folder, write_params
+from conftest import ROOT, make_image_folder, make_project, only_run, write_params
 from mixer.errors import MixerError
 from mixer.launch import Processes, processes
 from mixer.text import MAX_LINE, brief, one_line
@@ -38,10 +37,7 @@ def runner():
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    make_image_folder(tmp_path / "images", {"a": 12, "b": 12, "c": 12}, size=(8, 8))
-    write_params(tmp_path / "params.yaml", data=str(tmp_path / "images"), image_shape=[8, 8], patch_shape=[2, 2],
-                 num_classes=3, num_steps=2, warmup_step=0)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(make_project(tmp_path, warmup_step=0))
     return tmp_path
 
 
@@ -196,11 +192,6 @@ def test_evaluate_refuses_an_eval_batch_that_cannot_fit(runner, project):
 
 
 # ---- 5, 6, 7: provenance on every model, bench's model, every run's checkpoint kept ----------------
-
-def only_run(root: Path) -> Path:
-    (folder,) = [p for p in root.iterdir() if p.is_dir()]
-    return folder
-
 
 def test_best_records_the_data_and_weights_it_was_trained_from(runner, project):
     assert runner.invoke(app, ["prepare", "--workers", "1"]).exit_code == 0
